@@ -1,0 +1,159 @@
+"""`dkel` command line: train, eval, export, list (and the study tools)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import DkelError, TrainingStopped
+
+# flags that set a config key of the same name (method-specific ones are checked against the method)
+TRAIN_FLAGS = {
+    "method": (str, "method to train (see `dkel list`)"),
+    "model": (str, "backbone (see `dkel list`)"),
+    "dataset": (str, "dataset (see `dkel list`)"),
+    "data_dir": (str, "folder holding the dataset (default: data/<dataset>)"),
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "global batch size"),
+    "lr": (float, "initial learning rate"),
+    "seed": (int, "random seed"),
+    "peers": (int, "number of peers K"),
+    "train_subset": (int, "train on a fixed class-balanced subset of N images"),
+    "out": (str, "exact run folder (default: runs/<dataset>/<method>-<model>/<name>-seed<k>)"),
+    "device": (str, "auto, cpu, cuda or cuda:N"),
+    "precision": (str, "auto, fp32, bf16 or fp16"),
+    "mode": (str, "DKEL/PCL: paper (as described) or reference (as the released code behaves)"),
+    "init_steps": (int, "DKEL: teacher initialisation steps k"),
+    "decay": (str, "DKEL: ensemble decay exp|cos|linear|none|const"),
+    "beta": (float, "DKEL: exponential decay rate per epoch"),
+}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a method and write a run folder",
+                       description="Train a method. Any config field can be set as key=value "
+                                   "(e.g. schedule=multistep time_scale=1); unknown keys are errors.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--config", help="YAML config file (e.g. configs/cifar100/dkel_resnet32.yaml)")
+    for key, (typ, help_text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, help=help_text)
+    p.add_argument("--download", action="store_const", const=True, help="download the dataset if missing")
+    p.add_argument("--no-teacher-init", dest="teacher_init", action="store_const", const=False,
+                   help="DKEL: skip the teacher initialisation (init_steps=0)")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward passes")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def train_config(args) -> Any:
+    from .config import load_yaml, resolve
+    from .methods import method_configs
+
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and (k in TRAIN_FLAGS or k in ("download", "teacher_init", "compile"))}
+    layers: list[tuple[str, dict]] = []
+    if args.resume:
+        if not (args.resume / "config.yaml").is_file():
+            raise DkelError(f"{args.resume} is not a run folder (no config.yaml)")
+        layers.append((f"{args.resume}/config.yaml", load_yaml(args.resume / "config.yaml")))
+    if args.config:
+        layers.append((args.config, load_yaml(args.config)))
+    from .config import parse_overrides
+
+    layers += [("command-line flags", flags), ("overrides", parse_overrides(args.overrides))]
+    return resolve(layers, method_configs())
+
+
+def cmd_train(args) -> None:
+    from .engine import train
+
+    cfg = train_config(args)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--device", default="auto")
+
+
+def cmd_eval(args) -> None:
+    from .engine import evaluate_run
+
+    acc, deploy = evaluate_run(args.run_dir, args.checkpoint, args.device)
+    print(f"| output | top-1 |\n|---|---|")
+    for name, value in acc.items():
+        mark = " (deployed)" if name == deploy else ""
+        print(f"| {name}{mark} | {value * 100:.2f} |")
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export the deployed single network")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=("torchscript", "onnx", "safetensors"), default="safetensors")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/export/deploy.<ext>)")
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+
+    path, diff = export_run(args.run_dir, args.format, args.checkpoint, args.out)
+    print(f"wrote {path} (max |difference| to the in-memory network: {diff:.2e})")
+
+
+def add_list(sub) -> None:
+    sub.add_parser("list", help="list methods, models and datasets")
+
+
+def cmd_list(args) -> None:
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+
+    print("## Methods\n\n| method | what it does | from |\n|---|---|---|")
+    for e in METHODS:
+        print(f"| {e.name} | {e.description} | {e.obj.paper} |")
+    print("\n## Models\n\n| model | input | description |\n|---|---|---|")
+    for e in MODELS:
+        print(f"| {e.name} | {e.obj.input_size}x{e.obj.input_size} | {e.description} |")
+    print("\n## Datasets\n\n| dataset | description |\n|---|---|")
+    for e in DATASETS:
+        print(f"| {e.name} | {e.description} |")
+
+
+COMMANDS = {"train": (add_train, cmd_train), "eval": (add_eval, cmd_eval), "export": (add_export, cmd_export),
+            "list": (add_list, cmd_list)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dkel", description="Online knowledge distillation: DKEL and its baselines.")
+    sub = p.add_subparsers(dest="command", metavar="command")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        sys.exit(2)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        COMMANDS[args.command][1](args)
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
+    except DkelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

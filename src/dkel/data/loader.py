@@ -1,0 +1,125 @@
+"""Tensor-resident batches of K augmented views.
+
+The whole uint8 image set lives on the training device.  Each epoch draws its
+permutation, crop offsets and flips up front from a generator seeded by (seed, epoch),
+so an epoch is reproducible on its own (exact resume) and independent of how many
+processes share it; each batch is then one gather on the device."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int,
+              channels_last: bool) -> Tensor:
+    """Random crops with zero padding and horizontal flips, all samples and views at once.
+
+    images: [B, C, H, W] uint8; top/left/flip: [K, B] with offsets in [0, 2*pad].
+    Returns [K, B, C, H, W] uint8, laid out channels-last per image if asked."""
+    _, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    k, b = top.shape
+    dev = images.device
+    rows = top[..., None] + torch.arange(h, device=dev)  # [K, B, H]
+    ar = torch.arange(w, device=dev)
+    cols = left[..., None] + torch.where(flip[..., None].bool(), w - 1 - ar, ar)  # [K, B, W]
+    sample = torch.arange(b, device=dev)[None, :, None, None, None]
+    chan = torch.arange(c, device=dev)
+    if channels_last:  # gather straight into [K, B, H, W, C] memory
+        out = padded[sample, chan[None, None, None, None, :], rows[:, :, :, None, None],
+                     cols[:, :, None, :, None]]
+        return out.permute(0, 1, 4, 2, 3)
+    return padded[sample, chan[None, None, :, None, None], rows[:, :, None, :, None],
+                  cols[:, :, None, None, :]]
+
+
+class Normalize:
+    """uint8 -> float, (x/255 - mean)/std folded into one multiply-add."""
+
+    def __init__(self, mean, std, device):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(-1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+class ViewLoader:
+    """Training batches: (views [K, B, C, H, W] float, labels [B]).
+
+    `batch_size` is the global batch; with `world` processes each takes every
+    `world`-th sample of it.  A final batch too small for BatchNorm (< 2 samples per
+    process) is dropped."""
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, views: int, pad: int,
+                 flip: bool, mean, std, seed: int, rank: int = 0, world: int = 1,
+                 channels_last: bool = False):
+        self.images, self.labels = images, labels
+        self.batch_size, self.views, self.pad, self.flip = batch_size, views, pad, flip
+        self.seed, self.rank, self.world = seed, rank, world
+        self.channels_last = channels_last
+        self.normalize = Normalize(mean, std, images.device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def unsharded(self) -> "ViewLoader":
+        """The same batches, whole, as a single process would see them."""
+        clone = copy.copy(self)
+        clone.rank, clone.world = 0, 1
+        return clone
+
+    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        self.set_epoch(epoch)
+        return iter(self)
+
+    @property
+    def num_batches(self) -> int:
+        n = len(self.labels)
+        full = math.ceil(n / self.batch_size)
+        last = n - (full - 1) * self.batch_size
+        return full - (1 if last // self.world < 2 else 0)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def draw(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The epoch's permutation, crop offsets [N, K] x2 and flips [N, K]."""
+        g = epoch_generator(self.seed, epoch)
+        n, k = len(self.labels), self.views
+        perm = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * self.pad + 1, (2, n, k), generator=g, dtype=torch.int64)
+        flips = torch.randint(0, 2 if self.flip else 1, (n, k), generator=g, dtype=torch.int64)
+        dev = self.images.device
+        return perm.to(dev), offsets[0].to(dev), offsets[1].to(dev), flips.to(dev)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        perm, top, left, flips = self.draw(self.epoch)
+        for i in range(self.num_batches):
+            pos = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(perm)),
+                               device=perm.device)[self.rank::self.world]
+            idx = perm[pos]
+            views = crop_flip(self.images[idx], top[pos].T, left[pos].T, flips[pos].T, self.pad,
+                              self.channels_last)
+            yield self.normalize(views), self.labels[idx]
+
+
+def eval_batches(images: Tensor, labels: Tensor, *, batch_size: int, mean, std, rank: int = 0,
+                 world: int = 1, channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Un-augmented test batches; process r takes samples r, r+world, ... (no padding)."""
+    normalize = Normalize(mean, std, images.device)
+    idx_all = torch.arange(rank, len(labels), world, device=images.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for chunk in idx_all.split(batch_size):
+        yield normalize(images[chunk]).contiguous(memory_format=fmt), labels[chunk]

@@ -1,0 +1,445 @@
+"""The only training loop: data, method, optimizer, evaluation, checkpoints and logging.
+
+Everything a method does happens through its interface (methods/base.py); everything
+the loop does is here, in order: build, (resume | prepare), then per epoch train,
+evaluate, check, checkpoint, log."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from . import __version__, runtime
+from .config import TimeScale, to_dict
+from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
+from .errors import DkelError, TrainingStopped
+from .methods import METHODS, Method, Setup
+from .progress import Progress
+
+log = logging.getLogger("dkel")
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- run folder
+@dataclass
+class RunFolder:
+    root: Path
+
+    config = property(lambda self: self.root / "config.yaml")
+    env = property(lambda self: self.root / "env.json")
+    metrics = property(lambda self: self.root / "metrics.csv")
+    log = property(lambda self: self.root / "train.log")
+    results = property(lambda self: self.root / "results.json")
+    curves = property(lambda self: self.root / "curves.png")
+    last = property(lambda self: self.root / "checkpoints" / "last.pt")
+    best = property(lambda self: self.root / "checkpoints" / "best.pt")
+
+    @classmethod
+    def for_config(cls, cfg: Any, tag: str) -> "RunFolder":
+        if cfg.out:
+            return cls(Path(cfg.out))
+        name = cfg.name or tag
+        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{cfg.model}" / f"{name}-seed{cfg.seed}")
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+
+# ----------------------------------------------------------------------------- building
+@dataclass
+class Built:
+    data: ImageData
+    loader: ViewLoader
+    method: Method
+
+
+def build(cfg: Any, rt: runtime.Runtime) -> Built:
+    """Data on the device, its loader, and the method's modules."""
+    cls = METHODS.get(cfg.method)
+    if cfg.peers < cls.min_peers:
+        raise DkelError(f"method {cfg.method} needs peers >= {cls.min_peers}, got {cfg.peers}")
+    cls.check(cfg)
+    if rt.main:  # rank 0 decodes and caches first; the others then read the cache
+        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
+    rt.barrier()
+    if not rt.main:
+        data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
+                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
+    if cfg.batch_size % rt.world:
+        raise DkelError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world} processes")
+    data.to(rt.device)
+    loader = ViewLoader(data.train_images, data.train_labels, batch_size=cfg.batch_size,
+                        views=1 if cls.shared_view else cfg.peers, pad=data.pad, flip=data.flip,
+                        mean=data.mean, std=data.std, seed=cfg.seed, rank=rt.rank, world=rt.world,
+                        channels_last=rt.channels_last)
+    if len(loader) == 0:
+        raise DkelError(f"{len(data.train_labels)} training images make no batch of at least 2 per process")
+    spec = data.spec
+    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, len(loader), spec.paper_epochs,
+                                   spec.paper_steps_per_epoch)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, len(loader), time_scale)
+    method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    return Built(data, loader, method)
+
+
+def lr_factor(cfg: Any, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: cfg.gamma ** sum(step // steps_per_epoch >= m for m in cfg.milestones)
+
+
+def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimizer:
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(method: Method, data: ImageData, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
+    """Top-1 accuracy of every reported output, exact across processes, plus group means/maxima."""
+    was_training = method.training
+    method.eval()
+    correct: Optional[torch.Tensor] = None
+    names: list[str] = []
+    for x, y in eval_batches(data.test_images, data.test_labels, batch_size=batch_size, mean=data.mean,
+                             std=data.std, rank=rt.rank, world=rt.world, channels_last=rt.channels_last):
+        with rt.autocast():
+            outs = method.eval_logits(x)
+        names = list(outs)
+        hits = torch.stack([(logits.argmax(-1) == y).sum() for logits in outs.values()])
+        correct = hits if correct is None else correct + hits
+    counts = torch.cat([correct.double(), torch.tensor([0.0], device=correct.device, dtype=torch.float64)])
+    counts[-1] = len(range(rt.rank, len(data.test_labels), rt.world))
+    if rt.distributed:
+        dist.all_reduce(counts)
+    acc = dict(zip(names, (counts[:-1] / counts[-1]).tolist()))
+    for group, members in method.peer_groups().items():
+        values = [acc[m] for m in members]
+        acc[f"{group}_mean"] = sum(values) / len(values)
+        acc[f"{group}_max"] = max(values)
+    method.train(was_training)
+    return acc
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DkelError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DkelError(f"{path} is not a dkel checkpoint")
+    return ckpt
+
+
+def data_info(data: ImageData) -> dict[str, Any]:
+    """What a deployed network needs to know about its inputs."""
+    return {"dataset": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
+            "in_channels": data.in_channels, "image_size": data.image_size}
+
+
+def restore(run_dir: Path, which: str = "last", device: str = "auto"):
+    """(config, method with the checkpoint's weights in eval mode, checkpoint, runtime) of a run folder."""
+    from .config import load_yaml, resolve
+    from .methods import method_configs
+
+    folder = RunFolder(Path(run_dir))
+    if not folder.is_run():
+        raise DkelError(f"{run_dir} is not a run folder (no config.yaml)")
+    path = folder.best if which == "best" else folder.last
+    if not path.is_file():
+        raise DkelError(f"{run_dir} has no checkpoints/{path.name} yet (no epoch has finished)")
+    ckpt = load_checkpoint(path)
+    cfg = resolve([(str(folder.config), load_yaml(folder.config))], method_configs())
+    rt = runtime.setup(device, cfg.precision, cfg.channels_last, cfg.threads)
+    setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
+    method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    method.load_state_dict(ckpt["method"])
+    method.eval()
+    return cfg, method, ckpt, rt
+
+
+def evaluate_run(run_dir: Path, which: str = "last", device: str = "auto") -> tuple[dict[str, float], str]:
+    cfg, method, _, rt = restore(run_dir, which, device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
+    data.to(rt.device)
+    return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
+
+
+# ----------------------------------------------------------------------------- logging
+def environment(rt: runtime.Runtime) -> dict[str, Any]:
+    import torchvision
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor()
+    return {"dkel": __version__, "git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "platform": platform.platform(),
+            "device": str(rt.device), "device_name": device or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "world_size": rt.world, "precision": str(rt.dtype),
+            "channels_last": rt.channels_last, "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training
+def check_finite(value: float, epoch: int, step: int, folder: RunFolder, last_good: Optional[int]) -> None:
+    if math.isfinite(value):
+        return
+    kept = (f"the last good state is {folder.last} (end of epoch {last_good + 1})" if last_good is not None
+            else "no checkpoint had been written yet")
+    raise TrainingStopped(f"loss became {value} in epoch {epoch + 1} (by step {step}); stopped, {kept}")
+
+
+def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train `cfg` to the end (or continue the run folder `resume`); returns results.json's content."""
+    rt = runtime.setup(cfg.device, cfg.precision, cfg.channels_last, cfg.threads)
+    built = build(cfg, rt)
+    data, loader, method = built.data, built.loader, built.method
+    folder = RunFolder(resume) if resume else RunFolder.for_config(cfg, method.run_tag())
+    ckpt = load_checkpoint(folder.last) if resume and folder.last.is_file() else None
+    if not resume and folder.root.exists() and any(folder.root.iterdir()):
+        if not overwrite:
+            raise DkelError(f"run folder {folder.root} already exists; continue it with --resume "
+                            f"{folder.root} or replace it with --overwrite")
+        if rt.main:
+            shutil.rmtree(folder.root)
+    rt.barrier()
+    handler = None
+    if rt.main:
+        folder.root.mkdir(parents=True, exist_ok=True)
+        (folder.root / "checkpoints").mkdir(exist_ok=True)
+        handler = attach_log_file(folder.log)
+        folder.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        folder.env.write_text(json.dumps(environment(rt), indent=2))
+    try:
+        return _train(cfg, rt, data, loader, method, folder, ckpt)
+    finally:
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
+    optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(loader)))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    history: list[dict[str, Any]] = []
+    best = {"acc": -1.0, "epoch": None}
+    start_epoch = 0
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+        log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
+    else:
+        # every process prepares on the same full batches, so all end up identical
+        method.prepare(loader.unsharded().batches(-1))
+        if rt.distributed:
+            for tensor in method.state_dict().values():
+                dist.broadcast(tensor, 0)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if cfg.sync_bn:
+            method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        method.wrap("student", lambda m: DDP(m, device_ids=ids))
+    if cfg.compile:
+        for name in method.forward_modules:
+            method.wrap(name, torch.compile)
+    consts = method.time_constants()
+    if rt.main:
+        log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",
+                 folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, len(data.train_labels),
+                 len(data.test_labels), len(loader), f" | time constants {consts}" if consts else "")
+    tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
+    step = start_epoch * len(loader)
+    images_per_step = cfg.batch_size
+    for epoch in range(start_epoch, cfg.epochs):
+        method.train()
+        loader.set_epoch(epoch)
+        progress = Progress(cfg.progress if rt.main else "none", len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        sums: dict[str, torch.Tensor] = {}
+        floats: dict[str, float] = {}
+        correct = torch.zeros((), device=rt.device)
+        seen = 0
+        t0 = time.perf_counter()
+        for views, labels in loader:
+            with rt.autocast():
+                out = method.losses(views, labels, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            method.after_step(step)
+            step += 1
+            for name, value in out.losses.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach()
+                    sums[name] = sums[name] + value if name in sums else value.clone()
+                else:
+                    floats[name] = value
+            logits = out.logits.detach()
+            correct += (logits.argmax(-1) == labels).sum()
+            norm = logits.float().norm(dim=-1).mean()
+            sums["logit_norm"] = sums["logit_norm"] + norm if "logit_norm" in sums else norm
+            seen += len(labels)
+            progress.advance()
+            if progress.due():
+                mean_loss = sums["loss"].item() / progress.count
+                check_finite(mean_loss, epoch, step, folder, last_checkpointed(history))
+                progress.show({"loss": mean_loss, "acc": correct.item() / seen,
+                               "img/s": progress.count * images_per_step / (time.perf_counter() - t0)})
+        train_time = time.perf_counter() - t0
+        progress.close()
+        n = len(loader)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        train_means = {f"train_{k}": v.item() / n for k, v in sums.items()}
+        check_finite(train_means["train_loss"], epoch, step, folder, last_checkpointed(history))
+        row.update(train_means)
+        row["train_acc"] = correct.item() / seen
+        row.update(floats)
+        row.update(method.epoch_diagnostics())
+        if rt.distributed:
+            sync_buffers(method)
+        acc = evaluate(method, data, rt, cfg.eval_batch_size)
+        row.update({f"test_{k}": v for k, v in acc.items()})
+        row["deploy_acc"] = acc[method.deploy_metric]
+        row["epoch_time_s"] = train_time
+        row["img_per_s"] = len(loader.labels) / train_time
+        history.append(row)
+        improved = row["deploy_acc"] > best["acc"]
+        if improved:
+            best = {"acc": row["deploy_acc"], "epoch": epoch + 1}
+        collapse = collapsed(row, data.num_classes) if cfg.collapse_check else None
+        if rt.main:
+            state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "method": method.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng_state(), "history": history, "best": best,
+                     "config": to_dict(cfg), "world_size": rt.world, "setup": dataclasses.asdict(method.setup),
+                     "data": data_info(data)}
+            atomic_save(state, folder.last)
+            if improved:
+                atomic_save(state, folder.best)
+            write_metrics(folder.metrics, history)
+            if tb:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        tb.add_scalar(k, v, epoch + 1)
+            log.info("epoch %d/%d  loss %.4f  train acc %.4f  deploy acc %.4f (%s)  %.0f img/s  %.1fs",
+                     epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"], row["deploy_acc"],
+                     method.deploy_metric, row["img_per_s"], train_time)
+        if collapse:
+            raise TrainingStopped(f"{collapse} at epoch {epoch + 1}; stopped, state kept in {folder.last}")
+    results = summarize(cfg, method, history, best, rt)
+    if rt.main:
+        folder.results.write_text(json.dumps(results, indent=2))
+        from .plots import plot_run
+
+        plot_run(history, method, folder.curves)
+        log.info("done: deploy acc %.4f (best %.4f at epoch %s) -> %s", results["deploy_acc"],
+                 results["best_deploy_acc"], best["epoch"], folder.root)
+    if tb:
+        tb.close()
+    return results
+
+
+def last_checkpointed(history: list[dict[str, Any]]) -> Optional[int]:
+    """0-based index of the last epoch that has a checkpoint (the last completed one)."""
+    return len(history) - 1 if history else None
+
+
+def sync_buffers(method: Method) -> None:
+    """Teachers' BatchNorm statistics follow each process's own batches; take rank 0's."""
+    for buf in method.buffers():
+        dist.broadcast(buf, 0)
+
+
+def collapsed(row: dict[str, Any], num_classes: int) -> Optional[str]:
+    """The failure the DKEL paper describes: logits shrink to zero and accuracy falls to chance."""
+    norm = row.get("student_logit_norm", row.get("train_logit_norm"))
+    if norm is not None and norm < 0.05 and row["deploy_acc"] <= 1.5 / num_classes:
+        return (f"training collapsed (mean logit norm {norm:.3g}, deployed accuracy {row['deploy_acc']:.3f} "
+                f"at chance {1 / num_classes:.3f})")
+    return None
+
+
+def summarize(cfg, method: Method, history, best, rt) -> dict[str, Any]:
+    last = history[-1]
+    metrics = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    return {"method": cfg.method, "mode": method.mode, "model": cfg.model, "dataset": cfg.dataset,
+            "seed": cfg.seed, "epochs": cfg.epochs, "peers": cfg.peers, "world_size": rt.world,
+            "train_subset": cfg.train_subset, "deploy_output": method.deploy_metric,
+            "deploy_acc": last["deploy_acc"], "best_deploy_acc": best["acc"], "best_epoch": best["epoch"],
+            "metrics": metrics, "time_constants": method.time_constants(),
+            "train_time_s": sum(r["epoch_time_s"] for r in history)}
+
+
+def tensorboard_writer(folder: RunFolder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DkelError("tensorboard=true needs TensorBoard: pip install 'dkel[tensorboard]'") from None
+    return SummaryWriter(str(folder.root / "tensorboard"))
