@@ -138,14 +138,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it is swapped under test capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may sit anywhere among the flags."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = args.overrides + extra
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if args.command is None:
         parser().print_help()
         sys.exit(2)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    log = logging.getLogger("dkel")  # our messages only; other libraries keep their own levels
+    if not any(isinstance(h, StderrHandler) for h in log.handlers):
+        log.addHandler(StderrHandler())
+        log.propagate = False
+    log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     try:
         COMMANDS[args.command][1](args)
     except TrainingStopped as e:

@@ -1,7 +1,10 @@
 """Export the deployed single network and prove the file computes what the run trained."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -36,10 +39,12 @@ def export_run(run_dir: Path, fmt: str, which: str = "last", out: Optional[Path]
 
 
 def _torchscript(net, example, path, meta):
-    traced = torch.jit.trace(net, example)
-    traced.save(str(path))
-    with torch.no_grad():
-        return torch.jit.load(str(path))(example)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many deployments load
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(net, example)
+        traced.save(str(path))
+        with torch.no_grad():
+            return torch.jit.load(str(path))(example)
 
 
 def _onnx(net, example, path, meta):
@@ -47,8 +52,9 @@ def _onnx(net, example, path, meta):
         import onnxruntime
     except ImportError:
         raise DkelError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'dkel[onnx]'") from None
-    torch.onnx.export(net, (example,), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass
+        torch.onnx.export(net, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
 

@@ -129,7 +129,7 @@ def read_idx(path: Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated: header says {shape}")
-    return data.reshape(shape)
+    return data.reshape(shape).copy()  # frombuffer is read-only
 
 
 def find_idx(root: Path, stem: str) -> Path | None:
