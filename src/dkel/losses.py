@@ -152,3 +152,141 @@ def dkel_loss(student_logits: Logits, ensemble_logits: Tensor, teacher_logits: L
     loss = (terms["ce_ensemble"] + terms["ce_peers"] + r * terms["kd_ensemble"]
             + dk * (w * terms["dk_ensemble"] + (1 - w) * terms["dk_individual"]))
     return {"loss": loss, **terms, **{f"w_{name}": value for name, value in wts.items()}}
+
+
+# ----------------------------------------------------------------------------- baselines (SPEC section 4)
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward pass; multiplies the gradient flowing back through it by `factor`
+    (CL's backprop rescaling: factor 1/K where K tails share one trunk)."""
+    return _ScaleGrad.apply(x, factor) if factor != 1.0 and torch.is_grad_enabled() else x
+
+
+def peer_kd(student_logits: Tensor, targets: Tensor, temperature: float = 3.0, detach_target: bool = True) -> Tensor:
+    """sum_i KD_tau(z_i, t_i) over the leading peer axis of [K, B, C] logits and targets."""
+    return kd_loss(student_logits, targets, temperature, detach_target).sum()
+
+
+def mutual_kd(logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """DML's distillation, summed over peers: sum_k mean_{l != k} KD_tau(z_k, z_l), peers detached.
+
+    Broadcast elementwise ([K, K, B, C]) rather than `pairwise_kd`'s einsum, which autocast
+    would run in half precision."""
+    k = logits.shape[0]
+    pairs = kd_loss(logits[:, None].expand(k, *logits.shape), logits[None].expand(k, *logits.shape), temperature)
+    return off_diagonal_mean(pairs).sum()
+
+
+def dml_loss(logits: Logits, targets: Tensor, *, temperature: float = 3.0,
+             tau_squared: bool = True) -> dict[str, Tensor]:
+    """DML (Zhang et al. 2018): sum_k [ CE(z_k, y) + (1/(K-1)) sum_{l != k} KD_tau(z_k, z_l) ].
+
+    tau_squared=False drops the tau^2 factor of KD (the DML paper: tau = 1, plain KL)."""
+    z = stack(logits)
+    _need_peers(z, 2, "DML")
+    kd = mutual_kd(z, temperature)
+    if not tau_squared:
+        kd = kd / temperature ** 2
+    ce = cross_entropy(z, targets)
+    return {"loss": ce + kd, "ce_peers": ce, "kd_peers": kd}
+
+
+def cl_loss(logits: Logits, targets: Tensor, *, kd_weight: float, temperature: float = 3.0) -> dict[str, Tensor]:
+    """CL-ILR (Song & Chai 2018): sum_h [ CE(z_h, y) + r KD_tau(z_h, mean_{j != h} z_j) ], targets detached.
+
+    The backprop rescaling of the shared trunk is a property of the forward pass (`scale_grad`)."""
+    z = stack(logits)
+    _need_peers(z, 2, "CL")
+    ce = cross_entropy(z, targets)
+    kd = peer_kd(z, others_mean(z), temperature)
+    return {"loss": ce + kd_weight * kd, "ce_peers": ce, "kd_peers": kd}
+
+
+def gated_ensemble(logits: Tensor, gate: Tensor) -> Tensor:
+    """ONE's ensemble z_e[b] = sum_i g[b, i] z_i[b]: logits [K, B, C], gate [B, K] -> [B, C]."""
+    return (logits * gate.t().unsqueeze(-1).to(logits.dtype)).sum(0)
+
+
+def one_loss(logits: Logits, ensemble_logits: Tensor, targets: Tensor, *, kd_weight: float,
+             temperature: float = 3.0) -> dict[str, Tensor]:
+    """ONE (Lan et al. 2018): sum_i CE(z_i, y) + CE(z_e, y) + r sum_i KD_tau(z_i, z_e), z_e detached."""
+    z = stack(logits)
+    ce = cross_entropy(z, targets)
+    ce_e = cross_entropy(ensemble_logits, targets)
+    kd = peer_kd(z, ensemble_logits.expand_as(z), temperature)
+    return {"loss": ce + ce_e + kd_weight * kd, "ce_peers": ce, "ce_ensemble": ce_e, "kd_peers": kd}
+
+
+def attention_weights(queries: Tensor, keys: Tensor) -> Tensor:
+    """OKDDip's alpha[b, a, c] = softmax_c(q_a[b] . k_c[b]) over the K peers: q, k [K, B, d'] -> [B, K, K].
+
+    Elementwise products (not einsum/bmm), so autocast leaves them in float32."""
+    energy = (full(queries)[:, None] * full(keys)[None]).sum(-1)  # [K a, K c, B]
+    return energy.permute(2, 0, 1).softmax(dim=-1)
+
+
+def attention_targets(logits: Tensor, alpha: Tensor) -> Tensor:
+    """t_a[b] = sum_c alpha[b, a, c] z_c[b]: logits [K, B, C], alpha [B, K, K] -> [K, B, C].
+
+    Not detached: the distillation gradient through t trains the attention (W_q, W_k)."""
+    weights = alpha.permute(1, 2, 0).unsqueeze(-1)  # [K a, K c, B, 1]
+    return (weights * full(logits)[None]).sum(1)
+
+
+def okddip_loss(peer_logits: Logits, leader_logits: Tensor, attention_logits: Tensor, targets: Tensor, *,
+                kd_weight: float, temperature: float = 3.0) -> dict[str, Tensor]:
+    """OKDDip (Chen et al. 2020), auxiliary peers a and leader L:
+
+        L = sum_a CE(z_a, y) + CE(z_L, y) + r [ sum_a KD_tau(z_a, t_a) + KD_tau(z_L, mean_a z_a) ]
+
+    The attention targets t_a ([K, B, C]) keep their gradient; the leader's target is detached."""
+    z = stack(peer_logits)
+    ce = cross_entropy(z, targets)
+    ce_leader = cross_entropy(leader_logits, targets)
+    kd = peer_kd(z, attention_logits, temperature, detach_target=False)
+    kd_leader = kd_loss(leader_logits, z.mean(0), temperature)
+    return {"loss": ce + ce_leader + kd_weight * (kd + kd_leader), "ce_peers": ce, "ce_leader": ce_leader,
+            "kd_peers": kd, "kd_leader": kd_leader}
+
+
+def minlogit_ensemble(logits: Logits, targets: Tensor) -> Tensor:
+    """KDCL's MinLogit teacher: subtract each peer's true-class logit, then the elementwise minimum
+    over peers: z_t[b, c] = min_i (z_i[b, c] - z_i[b, y_b]).  [K, B, C] -> [B, C]."""
+    z = stack(logits)
+    index = targets.view(1, -1, 1).expand(z.shape[0], -1, 1)
+    return (z - z.gather(-1, index)).amin(0)
+
+
+ENSEMBLES = ("minlogit", "naive")
+
+
+def kdcl_loss(logits: Logits, targets: Tensor, *, ensemble: str = "minlogit",
+              temperature: float = 3.0) -> dict[str, Tensor]:
+    """KDCL (Guo et al. 2020): sum_i [ CE(z_i, y) + KD_tau(z_i, z_t) ], z_t built from all peers, detached.
+
+    ensemble="minlogit": `minlogit_ensemble`; "naive": the mean of the peers' logits."""
+    z = stack(logits)
+    if ensemble == "minlogit":
+        teacher = minlogit_ensemble(z.detach(), targets)
+    elif ensemble == "naive":
+        teacher = z.detach().mean(0)
+    else:
+        raise ValueError(f"unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}")
+    ce = cross_entropy(z, targets)
+    kd = peer_kd(z, teacher.expand_as(z), temperature)
+    return {"loss": ce + kd, "ce_peers": ce, "kd_peers": kd}
+
+
+def _need_peers(z: Tensor, k: int, method: str) -> None:
+    if z.dim() != 3 or z.shape[0] < k:
+        raise ValueError(f"{method} needs logits [K, B, C] with K >= {k}, got shape {tuple(z.shape)}")

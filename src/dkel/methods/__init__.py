@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from ..registry import Registry
 from .base import Method, Setup, StepOutput
+from .cl import CL
 from .dkel import DKEL, PCL
+from .dml import DML
 from .independent import Independent
+from .kdcl import KDCL
+from .okddip import OKDDip
+from .one import ONE
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (Independent, DKEL, PCL):
+for _cls in (Independent, DKEL, PCL, DML, CL, ONE, OKDDip, KDCL):
     METHODS.register(_cls.name, _cls.summary)(_cls)
 
 

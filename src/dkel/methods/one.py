@@ -1,0 +1,66 @@
+"""ONE, on-the-fly native ensemble (Lan et al., NeurIPS 2018), SPEC section 4.
+
+A branched model (one trunk, K tails, each on its own view) plus a gate on the trunk
+output: global average pool -> Linear(C_trunk -> K) -> BatchNorm1d(K) -> ReLU -> softmax
+gives g [B, K] and the gated ensemble z_e = sum_i g_i z_i.  With K training views the
+gate reads the pooled trunk output averaged over the views (at test time: the one view).
+L = sum_i CE(z_i, y) + CE(z_e, y) + r(e) sum_i KD_tau(z_i, z_e), z_e detached.
+Reported: each branch (peer1..K), their mean (deployed number) and the gated ensemble one_e."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..losses import gated_ensemble, one_loss
+from ..models import Branched, PeerOutputs
+from .base import StepOutput, named_peers
+from .common import Baseline, BranchedStudent, RampedConfig
+
+
+@dataclass
+class ONEConfig(RampedConfig):
+    pass
+
+
+def make_gate(trunk_channels: int, peers: int) -> nn.Sequential:
+    """[B, C_trunk] pooled trunk features -> [B, K] branch weights (rows on the simplex)."""
+    return nn.Sequential(nn.Linear(trunk_channels, peers), nn.BatchNorm1d(peers), nn.ReLU(inplace=True),
+                         nn.Softmax(dim=1))
+
+
+class OneStudent(BranchedStudent):
+    """Branched model + gate; `ensemble` of its outputs is the gated ensemble z_e."""
+
+    def __init__(self, net: Branched):
+        super().__init__(net, net.peers)
+        self.gate = make_gate(net.trunk_channels, net.peers)
+
+    def forward(self, x: Tensor) -> PeerOutputs:
+        out = super().forward(x)
+        pooled = out.trunk.mean(dim=(2, 3))
+        if x.dim() == 5:  # one view per branch: average the pooled trunk features over views
+            pooled = pooled.view(self.views, -1, pooled.shape[-1]).mean(0)
+        gate = self.gate(pooled)
+        return out._replace(ensemble=gated_ensemble(out.logits, gate))
+
+
+class ONE(Baseline):
+    name = "one"
+    summary = "K tails on one trunk with a softmax gate; every branch distils from the gated ensemble"
+    paper = "Lan et al., NeurIPS 2018"
+    Config = ONEConfig
+
+    def __init__(self, cfg, setup):
+        super().__init__(cfg, setup)
+        self.student = OneStudent(self.branched(setup.peers))
+
+    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
+        out = self.run("student", views)
+        r = self.kd_weight(epoch)
+        terms = one_loss(out.logits, out.ensemble, labels, kd_weight=r, temperature=self.hp.temperature)
+        return StepOutput({**terms, "w_rampup": r}, out.logits[0])
+
+    def eval_logits(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.student(x)
+        return {**named_peers("peer", out.logits), "one_e": out.ensemble}
