@@ -62,6 +62,14 @@ def test_pairwise_kd_matches_every_pair():
             assert m[i, j] == pytest.approx(kd(z[i].numpy(), t[j].numpy()), rel=1e-10)
 
 
+def test_pairwise_kd_stays_float32_under_autocast():
+    z, t = torch.randn(3, 64, 100) * 4, torch.randn(3, 64, 100) * 4
+    exact = L.pairwise_kd(z.double(), t.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.pairwise_kd(z, t)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_ramp_and_decays_by_hand():
     assert L.sigmoid_rampup(0, 80) == pytest.approx(math.exp(-5))
     assert L.sigmoid_rampup(40, 80, 2.0) == pytest.approx(2 * math.exp(-1.25))

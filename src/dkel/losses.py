@@ -83,13 +83,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 def pairwise_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
     """[K, K] matrix: entry (i, j) = kd_loss(student_i, teacher_j); teachers detached.
 
-    One log-softmax per tensor and one contraction instead of K^2 separate losses."""
+    One log-softmax per tensor and one broadcast product instead of K^2 separate losses
+    (elementwise, so autocast cannot lower it to bf16 as it would a matmul)."""
     log_q = F.log_softmax(full(teacher_logits.detach()) / temperature, dim=-1)
     log_p = F.log_softmax(full(student_logits) / temperature, dim=-1)
     q = log_q.exp()
-    batch = student_logits.shape[-2]
-    neg_entropy = (q * log_q).sum((-1, -2)) / batch  # [K] teachers
-    cross = torch.einsum("jbc,ibc->ij", q, log_p) / batch  # [K students, K teachers]
+    neg_entropy = (q * log_q).sum(-1).mean(-1)  # [K] teachers
+    cross = (q[None] * log_p[:, None]).sum(-1).mean(-1)  # [K students, K teachers]
     return temperature ** 2 * (neg_entropy[None, :] - cross)
 
 
