@@ -6,6 +6,7 @@ evaluate, check, checkpoint, log."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import dataclasses
 import json
 import logging
@@ -99,6 +100,7 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, len(loader), time_scale)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, loader, method)
 
 
@@ -394,6 +396,10 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         if collapse:
             raise TrainingStopped(f"{collapse} at epoch {epoch + 1}; stopped, state kept in {folder.last}")
     results = summarize(cfg, method, history, best, rt)
+    if rt.distributed:
+        results["ranks_identical"] = ranks_identical(method, rt.world)
+        if not results["ranks_identical"]:
+            log.warning("the processes ended with different weights; results come from rank 0")
     if rt.main:
         folder.results.write_text(json.dumps(results, indent=2))
         from .plots import plot_run
@@ -415,6 +421,17 @@ def sync_buffers(method: Method) -> None:
     """Teachers' BatchNorm statistics follow each process's own batches; take rank 0's."""
     for buf in method.buffers():
         dist.broadcast(buf, 0)
+
+
+def ranks_identical(method: Method, world: int) -> bool:
+    """True if every process holds bitwise the same modules and buffers (students and teachers)."""
+    h = hashlib.sha256()
+    for name, tensor in method.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[Optional[str]] = [None] * world
+    dist.all_gather_object(digests, h.hexdigest())
+    return len(set(digests)) == 1
 
 
 def collapsed(row: dict[str, Any], num_classes: int) -> Optional[str]:

@@ -1,0 +1,29 @@
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON
+from dkel.engine import evaluate_run
+
+
+def test_two_process_gloo_run_ends_with_identical_ranks(tmp_path):
+    """CPU DDP (gloo), 2 processes, 1 epoch of DKEL on the embedded default."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dkel", "train", "--epochs", "1", "--out", str(out), "threads=1",
+                           "progress=none"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["ranks_identical"] is True  # students and teachers, bitwise
+    # the sharded evaluation counted every test image exactly once
+    acc, deployed = evaluate_run(out, device="cpu")
+    assert acc[deployed] == pytest.approx(results["deploy_acc"], abs=1e-12)
+    assert acc == pytest.approx(results["metrics"], abs=1e-12)
+    # and the run continues in a single process
+    subprocess.run([PYTHON, "-m", "dkel", "train", "--resume", str(out), "epochs=2"], check=True,
+                   capture_output=True, timeout=300)
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["world_size"] == 1 and resumed["epochs"] == 2
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
