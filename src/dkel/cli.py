@@ -126,8 +126,76 @@ def cmd_list(args) -> None:
         print(f"| {e.name} | {e.description} |")
 
 
+def add_simulate(sub) -> None:
+    from . import simulate
+
+    p = sub.add_parser("simulate", help="the paper's 2D Monte Carlo simulation (SPEC section 5)",
+                       description="Points in the plane stand for distributions; compares PCL, DK and DKEL "
+                                   "variants on paired random trials. See docs/simulation.md.")
+    simulate.add_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("runs/simulation"),
+                   help="folder for simulation.csv and simulation.png (default: runs/simulation)")
+    p.add_argument("--trajectory", action="store_true", help="also draw one trial in the plane (trajectory.png)")
+
+
+def cmd_simulate(args) -> None:
+    from . import simulate
+
+    cfg = simulate.config_from_args(args)
+    gaps, written = simulate.run(cfg, args.out, args.trajectory)
+    print(simulate.summary_markdown(gaps, cfg))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def add_compare(sub) -> None:
+    from . import compare
+
+    compare.add_compare_arguments(sub.add_parser(
+        "compare", help="train a grid of methods x models x datasets x seeds (x sweeps) and tabulate it",
+        description=compare.COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def cmd_compare(args) -> None:
+    from . import compare
+
+    compare.compare_command(args)
+
+
+def add_table(sub) -> None:
+    from . import compare
+
+    compare.add_table_arguments(sub.add_parser(
+        "table", help="tabulate existing run folders (mean ± std over seeds)",
+        description="Aggregate run folders (or folders searched recursively for results.json) into the "
+                    "table `dkel compare` writes, optionally beside the published numbers (SPEC 6.1)."))
+
+
+def cmd_table(args) -> None:
+    from . import compare
+
+    compare.table_command(args)
+
+
+def add_schedules(sub) -> None:
+    p = sub.add_parser("schedules", help="plot DKEL's weight schedules (ramp-up, ensemble decays)")
+    p.add_argument("--out", type=Path, default=Path("docs/schedules.png"), help="PNG file (default: docs/schedules.png)")
+    p.add_argument("--epochs", type=int, default=300, help="epochs on the x axis (default: 300, the CIFAR recipe)")
+    p.add_argument("--beta", type=float, default=0.5, help="exponential decay rate per epoch (default: 0.5)")
+    p.add_argument("--decay-horizon", type=float, default=10.0, help="cos/linear decay horizon (default: 10)")
+    p.add_argument("--rampup-length", type=float, default=80.0, help="ramp-up length in epochs (default: 80)")
+
+
+def cmd_schedules(args) -> None:
+    from .schedules import plot_schedules
+
+    plot_schedules(args.out, args.epochs, args.beta, args.decay_horizon, args.rampup_length)
+    print(f"wrote {args.out}")
+
+
 COMMANDS = {"train": (add_train, cmd_train), "eval": (add_eval, cmd_eval), "export": (add_export, cmd_export),
-            "list": (add_list, cmd_list)}
+            "list": (add_list, cmd_list), "simulate": (add_simulate, cmd_simulate),
+            "compare": (add_compare, cmd_compare), "table": (add_table, cmd_table),
+            "schedules": (add_schedules, cmd_schedules)}
 
 
 def parser() -> argparse.ArgumentParser:
