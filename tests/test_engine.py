@@ -36,7 +36,8 @@ def test_dkel_run_folder_and_results(tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "git_sha" in env
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert {"method", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(ckpt) and ckpt["epoch"] == 1
+    assert {"method", "stepper", "rng", "epoch", "history", "best"} <= set(ckpt) and ckpt["epoch"] == 1
+    assert {"optimizer", "scheduler", "scaler", "step"} <= set(ckpt["stepper"]) and ckpt["stepper"]["step"] == 24
     assert any(k.startswith("teacher.") for k in ckpt["method"])
 
 
@@ -79,7 +80,8 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert a["epoch"] == b["epoch"] == 3
     for key in a["method"]:
         assert torch.equal(a["method"][key], b["method"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    assert a["stepper"]["step"] == b["stepper"]["step"]
+    for pa, pb in zip(a["stepper"]["optimizer"]["state"].values(), b["stepper"]["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
     drop = ("epoch_time_s", "img_per_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in a["history"]] == \

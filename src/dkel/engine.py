@@ -117,6 +117,75 @@ def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimi
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
 
+class Stepper:
+    """One optimisation step of a method: losses, backward, optimizer, schedule, EMA.
+
+    The training loop and `dkel bench` both step through this, so what is benchmarked
+    is exactly what trains."""
+
+    def __init__(self, cfg: Any, method: Method, rt: runtime.Runtime, steps_per_epoch: int):
+        self.method, self.rt = method, rt
+        self.optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        self.step = 0
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int):
+        with self.rt.autocast():
+            out = self.method.losses(views, labels, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.after_step(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+
+
+class EpochMeter:
+    """Running sums of a training epoch, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.floats: dict[str, float] = {}
+        self.correct = torch.zeros((), device=device)
+        self.steps = self.seen = 0
+
+    def add(self, out, labels: torch.Tensor) -> None:
+        logits = out.logits.detach()
+        values = {**out.losses, "logit_norm": logits.float().norm(dim=-1).mean()}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+                self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            else:
+                self.floats[name] = value  # weights of the loss terms: the last value is the epoch's
+        self.correct += (logits.argmax(-1) == labels).sum()
+        self.steps += 1
+        self.seen += len(labels)
+
+    def mean_loss(self) -> float:
+        return self.sums["loss"].item() / self.steps
+
+    def accuracy(self) -> float:
+        return self.correct.item() / self.seen
+
+    def row(self) -> dict[str, Any]:
+        return {**{f"train_{k}": v.item() / self.steps for k, v in self.sums.items()},
+                "train_acc": self.accuracy(), **self.floats}
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(method: Method, data: ImageData, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
@@ -280,17 +349,13 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
 
 
 def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
-    optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, len(loader)))
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    stepper = Stepper(cfg, method, rt, len(loader))
     history: list[dict[str, Any]] = []
     best = {"acc": -1.0, "epoch": None}
     start_epoch = 0
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        stepper.load_state_dict(ckpt["stepper"])
         set_rng_state(ckpt["rng"])
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
         log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
@@ -316,53 +381,23 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
                  folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, len(data.train_labels),
                  len(data.test_labels), len(loader), f" | time constants {consts}" if consts else "")
     tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
-    step = start_epoch * len(loader)
-    images_per_step = cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
         method.train()
         loader.set_epoch(epoch)
         progress = Progress(cfg.progress if rt.main else "none", len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
-        sums: dict[str, torch.Tensor] = {}
-        floats: dict[str, float] = {}
-        correct = torch.zeros((), device=rt.device)
-        seen = 0
+        meter = EpochMeter(rt.device)
         t0 = time.perf_counter()
         for views, labels in loader:
-            with rt.autocast():
-                out = method.losses(views, labels, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            method.after_step(step)
-            step += 1
-            for name, value in out.losses.items():
-                if isinstance(value, torch.Tensor):
-                    value = value.detach()
-                    sums[name] = sums[name] + value if name in sums else value.clone()
-                else:
-                    floats[name] = value
-            logits = out.logits.detach()
-            correct += (logits.argmax(-1) == labels).sum()
-            norm = logits.float().norm(dim=-1).mean()
-            sums["logit_norm"] = sums["logit_norm"] + norm if "logit_norm" in sums else norm
-            seen += len(labels)
+            meter.add(stepper(views, labels, epoch), labels)
             progress.advance()
             if progress.due():
-                mean_loss = sums["loss"].item() / progress.count
-                check_finite(mean_loss, epoch, step, folder, last_checkpointed(history))
-                progress.show({"loss": mean_loss, "acc": correct.item() / seen,
-                               "img/s": progress.count * images_per_step / (time.perf_counter() - t0)})
+                check_finite(meter.mean_loss(), epoch, stepper.step, folder, last_checkpointed(history))
+                progress.show({"loss": meter.mean_loss(), "acc": meter.accuracy(),
+                               "img/s": meter.steps * cfg.batch_size / (time.perf_counter() - t0)})
         train_time = time.perf_counter() - t0
         progress.close()
-        n = len(loader)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        train_means = {f"train_{k}": v.item() / n for k, v in sums.items()}
-        check_finite(train_means["train_loss"], epoch, step, folder, last_checkpointed(history))
-        row.update(train_means)
-        row["train_acc"] = correct.item() / seen
-        row.update(floats)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": stepper.optimizer.param_groups[0]["lr"], **meter.row()}
+        check_finite(row["train_loss"], epoch, stepper.step, folder, last_checkpointed(history))
         row.update(method.epoch_diagnostics())
         if rt.distributed:
             sync_buffers(method)
@@ -377,9 +412,8 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
             best = {"acc": row["deploy_acc"], "epoch": epoch + 1}
         collapse = collapsed(row, data.num_classes) if cfg.collapse_check else None
         if rt.main:
-            state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "method": method.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "history": history, "best": best,
+            state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "method": method.state_dict(),
+                     "stepper": stepper.state_dict(), "rng": rng_state(), "history": history, "best": best,
                      "config": to_dict(cfg), "world_size": rt.world, "setup": dataclasses.asdict(method.setup),
                      "data": data_info(data)}
             atomic_save(state, folder.last)
