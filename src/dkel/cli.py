@@ -192,8 +192,39 @@ def cmd_schedules(args) -> None:
     print(f"wrote {args.out}")
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="training throughput of a method against a plain network",
+                       description="Times full training steps (forward, losses, backward, optimizer, EMA) of a "
+                                   "method and of a plain single network of the same model, interleaved, in "
+                                   "one process. One sample is one image with its K views.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="method settings, e.g. mode=reference")
+    p.add_argument("--method", default="dkel")
+    p.add_argument("--model", default="resnet32")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--peers", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes")
+    p.add_argument("--end-to-end", action="store_true", help="include the on-device data pipeline")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=12, help="timed steps of each network")
+    p.add_argument("--rounds", type=int, default=4, help="interleaving rounds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_bench(args) -> None:
+    from .bench import print_result, run_bench
+
+    result = run_bench(args.method, args.model, args.num_classes, args.batch_size, args.peers, args.device,
+                       args.precision, args.compile, args.end_to_end, args.threads, args.warmup, args.iters,
+                       args.rounds, args.overrides)
+    print_result(result, args.json)
+
+
 COMMANDS = {"train": (add_train, cmd_train), "eval": (add_eval, cmd_eval), "export": (add_export, cmd_export),
-            "list": (add_list, cmd_list), "simulate": (add_simulate, cmd_simulate),
+            "list": (add_list, cmd_list), "bench": (add_bench, cmd_bench), "simulate": (add_simulate, cmd_simulate),
             "compare": (add_compare, cmd_compare), "table": (add_table, cmd_table),
             "schedules": (add_schedules, cmd_schedules)}
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..losses import cl_loss
 from .base import StepOutput
-from .common import Baseline, BranchedStudent, RampedConfig
+from .common import Baseline, RampedConfig
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CL(Baseline):
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
         scale = 1.0 / setup.peers if self.hp.backprop_rescaling else 1.0
-        self.student = BranchedStudent(self.branched(setup.peers), setup.peers, trunk_grad_scale=scale)
+        self.student = self.branched(setup.peers, trunk_grad_scale=scale)
 
     def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
         logits = self.run("student", views).logits

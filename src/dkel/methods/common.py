@@ -1,25 +1,19 @@
 """What the SPEC section 4 baselines (DML, CL, ONE, OKDDip, KDCL) share.
 
 `Baseline`: typed hyperparameters read from the flat run config, their checks, the
-ramp-up r(e) scaled to the run's length, peer reporting and deployment of peer 1.
-`BranchedStudent`: a branched model whose forward can rescale the gradient entering
-the trunk (CL) and run a tail on another peer's view (the OKDDip leader); ONE and
-OKDDip subclass it to add their gate / attention, so that everything trained lives
-in one module (the optimizer's and DDP's `student`)."""
+ramp-up r(e) scaled to the run's length, peer reporting and deployment of peer 1."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .. import models
 from ..errors import ConfigError
-from ..losses import scale_grad, sigmoid_rampup
-from ..models import Branched, PeerOutputs
-from ..models.core import split_views
+from ..losses import sigmoid_rampup
+from ..models import Branched
 from .base import Method, named_peers, peer_names
 
 
@@ -68,10 +62,10 @@ class Baseline(Method):
                     (hp.rampup_max >= 0, f"rampup_max must be >= 0, got {hp.rampup_max}")]
         return out
 
-    def branched(self, tails: int) -> Branched:
-        """One trunk and `tails` tails of the run's model, no ensemble head."""
+    def branched(self, tails: int, **options) -> Branched:
+        """One trunk and `tails` tails of the run's model, no ensemble head (options: see Branched)."""
         s = self.setup
-        return models.create_branched(s.model, s.num_classes, tails, False, s.in_channels)
+        return models.create_branched(s.model, s.num_classes, tails, False, s.in_channels, **options)
 
     def cohort(self) -> nn.Module:
         """K independent networks of the run's model."""
@@ -95,31 +89,3 @@ class Baseline(Method):
     def deploy(self) -> nn.Module:
         """Peer 1 as a plain network (the reported number is the mean over peers, SPEC section 6)."""
         return self.student.deploy(0)
-
-
-class BranchedStudent(nn.Module):
-    """A `Branched` model (one trunk, several tails) fed `views` views.
-
-    trunk_grad_scale multiplies the gradient entering the trunk from the tails (CL's
-    backprop rescaling, 1/K); tail_views[i] is the view tail i sees (default: view i)."""
-
-    def __init__(self, net: Branched, views: int, trunk_grad_scale: float = 1.0,
-                 tail_views: Optional[Sequence[int]] = None):
-        super().__init__()
-        self.net = net
-        self.views = views
-        self.trunk_grad_scale = trunk_grad_scale
-        self.tail_views = list(range(views) if tail_views is None else tail_views)
-        if len(self.tail_views) != net.peers or not all(0 <= v < views for v in self.tail_views):
-            raise ValueError(f"tail_views {self.tail_views} do not map {net.peers} tails to {views} views")
-
-    def forward(self, x: Tensor) -> PeerOutputs:
-        x, shared = split_views(x, self.views)
-        trunk = self.net.trunk(x if shared else x.flatten(0, 1))
-        h = scale_grad(trunk, self.trunk_grad_scale)
-        per_view = [h] * self.views if shared else h.chunk(self.views)
-        outs = [tail(per_view[v]) for tail, v in zip(self.net.tails, self.tail_views)]
-        return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), None, trunk)
-
-    def deploy(self, tail: int = 0) -> nn.Module:
-        return self.net.deploy(tail)

@@ -142,9 +142,9 @@ class DKEL(Method):
 
     # -- training step ---------------------------------------------------------------------
     def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
-        out = self.run("student", views)
-        with torch.no_grad():
+        with torch.no_grad():  # first: its activations are freed before the student's are made
             teacher = self.run("teacher", views).logits
+        out = self.run("student", views)
         hp = self.hp
         terms = dkel_loss(out.logits, out.ensemble, teacher, labels, epoch, mode=hp.mode,
                           temperature=hp.temperature, beta=self.beta, decay=hp.decay,

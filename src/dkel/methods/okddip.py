@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..losses import attention_targets, attention_weights, okddip_loss
 from ..models import Branched, PeerOutputs
 from .base import StepOutput, peer_names
-from .common import Baseline, BranchedStudent, RampedConfig
+from .common import Baseline, RampedConfig
 
 
 @dataclass
@@ -40,13 +40,12 @@ class OkddipOutputs(NamedTuple):
     alpha: Tensor  # attention weights [B, K, K]
 
 
-class OkddipStudent(BranchedStudent):
+class OkddipStudent(nn.Module):
     """Branched model whose last tail is the leader, plus the shared query/key projections."""
 
-    def __init__(self, net: Branched, views: int, attention_factor: int = 8):
-        tails = net.peers
-        # the leader tail reads view 1 when it is an extra tail, its own view otherwise
-        super().__init__(net, views, tail_views=list(range(views)) + [0] if tails > views else None)
+    def __init__(self, net: Branched, attention_factor: int = 8):
+        super().__init__()
+        self.net = net
         dim = net.feature_dim // attention_factor
         if dim < 1:
             raise ConfigError(f"attention_factor {attention_factor} leaves no dimensions of the "
@@ -55,11 +54,14 @@ class OkddipStudent(BranchedStudent):
         self.key = nn.Linear(net.feature_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> OkddipOutputs:
-        out = super().forward(x)
+        out = self.net(x)
         logits, features = out.logits[:-1], out.features[:-1]
         alpha = attention_weights(self.query(features), self.key(features))
         peers = out._replace(logits=logits, features=features)
         return OkddipOutputs(peers, out.logits[-1], attention_targets(logits, alpha), alpha)
+
+    def deploy(self, tail: int) -> nn.Module:
+        return self.net.deploy(tail)
 
 
 class OKDDip(Baseline):
@@ -72,8 +74,9 @@ class OKDDip(Baseline):
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
         k = setup.peers
-        tails = k if self.hp.leader_in_peers else k + 1
-        self.student = OkddipStudent(self.branched(tails), k, self.hp.attention_factor)
+        # an extra leader tail reads view 1 (the loader makes K views); otherwise tail K is the leader
+        tail_views = list(range(k)) if self.hp.leader_in_peers else list(range(k)) + [0]
+        self.student = OkddipStudent(self.branched(len(tail_views), tail_views=tail_views), self.hp.attention_factor)
 
     @property
     def auxiliary(self) -> int:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..losses import gated_ensemble, one_loss
 from ..models import Branched, PeerOutputs
 from .base import StepOutput, named_peers
-from .common import Baseline, BranchedStudent, RampedConfig
+from .common import Baseline, RampedConfig
 
 
 @dataclass
@@ -29,20 +29,21 @@ def make_gate(trunk_channels: int, peers: int) -> nn.Sequential:
                          nn.Softmax(dim=1))
 
 
-class OneStudent(BranchedStudent):
+class OneStudent(nn.Module):
     """Branched model + gate; `ensemble` of its outputs is the gated ensemble z_e."""
 
     def __init__(self, net: Branched):
-        super().__init__(net, net.peers)
+        super().__init__()
+        self.net = net
         self.gate = make_gate(net.trunk_channels, net.peers)
 
     def forward(self, x: Tensor) -> PeerOutputs:
-        out = super().forward(x)
-        pooled = out.trunk.mean(dim=(2, 3))
-        if x.dim() == 5:  # one view per branch: average the pooled trunk features over views
-            pooled = pooled.view(self.views, -1, pooled.shape[-1]).mean(0)
-        gate = self.gate(pooled)
+        out = self.net(x)
+        gate = self.gate(out.trunk.mean(0))  # pooled trunk output, averaged over the views
         return out._replace(ensemble=gated_ensemble(out.logits, gate))
+
+    def deploy(self, peer: int = 0) -> nn.Module:
+        return self.net.deploy(peer)
 
 
 class ONE(Baseline):

@@ -52,10 +52,10 @@ def create(name: str, num_classes: int, in_channels: int = 3) -> SingleNet:
 
 
 def create_branched(name: str, num_classes: int, peers: int = 3, ensemble_head: bool = True,
-                    in_channels: int = 3) -> Branched:
-    """One trunk, `peers` independent tails, optional peer-ensemble head."""
+                    in_channels: int = 3, **options) -> Branched:
+    """One trunk, `peers` independent tails, optional peer-ensemble head (options: see Branched)."""
     _check_peers(peers)
-    return Branched(backbone(name, num_classes, in_channels), num_classes, peers, ensemble_head)
+    return Branched(backbone(name, num_classes, in_channels), num_classes, peers, ensemble_head, **options)
 
 
 def create_cohort(name: str, num_classes: int, peers: int = 3, in_channels: int = 3) -> Cohort:

@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ..losses import scale_grad
+
 
 class Tail(nn.Module):
     """Last stage -> pooled feature -> classifier; returns (logits, feature)."""
@@ -53,51 +55,52 @@ class PeerOutputs(NamedTuple):
     logits: Tensor  # [K, B, C]
     features: Tensor  # [K, B, d] pooled tail features
     ensemble: Optional[Tensor]  # [B, C] from the peer-ensemble head, if any
-    trunk: Optional[Tensor]  # trunk output (branched models only), [K*B, ...] or [B, ...]
+    trunk: Optional[Tensor]  # branched models: pooled trunk output per view, [V, B, C_trunk]
 
 
-def split_views(x: Tensor, peers: int) -> tuple[Tensor, bool]:
-    """Accept one view per peer ([K, B, C, H, W]) or one view shared by all ([B, C, H, W])."""
-    if x.dim() == 5:
-        if x.shape[0] != peers:
-            raise ValueError(f"got {x.shape[0]} views for {peers} peers")
-        return x, False
-    return x, True
+def views_of(x: Tensor, views: int) -> list[Tensor]:
+    """One view per peer ([V, B, C, H, W]) or one view shared by all ([B, C, H, W])."""
+    if x.dim() == 4:
+        return [x]
+    if x.shape[0] != views:
+        raise ValueError(f"got {x.shape[0]} views for a model that takes {views}")
+    return list(x.unbind(0))
 
 
 class Branched(nn.Module):
-    """One trunk, K tails with independent weights, optional peer-ensemble head.
+    """One trunk, tails with independent weights, optional peer-ensemble head.
 
-    Per-peer views go through the trunk as one batch of K*B images, so BatchNorm
-    statistics in the trunk are taken over all views of the batch."""
+    Each view goes through the trunk on its own, as in the released DKEL code, so every
+    BatchNorm statistic is taken over one view of the batch (on CPU this is also faster
+    than one pass over all views).  tail_views[i] is the view tail i reads (default i);
+    trunk_grad_scale multiplies the gradient entering the trunk (CL's backprop rescaling)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, peers: int, ensemble_head: bool):
+    def __init__(self, backbone: Backbone, num_classes: int, peers: int, ensemble_head: bool,
+                 tail_views: Optional[list[int]] = None, trunk_grad_scale: float = 1.0):
         super().__init__()
         self.trunk = backbone.trunk
         self.tails = nn.ModuleList(backbone.make_tail() for _ in range(peers))
         self.feature_dim = backbone.feature_dim
         self.trunk_channels = backbone.trunk_channels
         self.head = nn.Linear(peers * backbone.feature_dim, num_classes) if ensemble_head else None
+        self.tail_views = list(range(peers)) if tail_views is None else list(tail_views)
+        if len(self.tail_views) != peers or min(self.tail_views) < 0:
+            raise ValueError(f"tail_views {self.tail_views} must name one view for each of {peers} tails")
+        self.views = max(self.tail_views) + 1
+        self.trunk_grad_scale = trunk_grad_scale
 
     @property
     def peers(self) -> int:
         return len(self.tails)
 
     def forward(self, x: Tensor) -> PeerOutputs:
-        x, shared = split_views(x, self.peers)
-        if shared:
-            trunk = self.trunk(x)
-            per_peer = [trunk] * self.peers
-        else:
-            trunk = self.trunk(x.flatten(0, 1))
-            per_peer = trunk.chunk(self.peers)
-        outs = [tail(h) for tail, h in zip(self.tails, per_peer)]
-        logits = torch.stack([o[0] for o in outs])
-        features = torch.stack([o[1] for o in outs])
-        ensemble = None
-        if self.head is not None:
-            ensemble = self.head(torch.cat([o[1] for o in outs], dim=1))
-        return PeerOutputs(logits, features, ensemble, trunk)
+        views = views_of(x, self.views)
+        trunk = [scale_grad(self.trunk(v), self.trunk_grad_scale) for v in views]
+        outs = [tail(trunk[v if len(trunk) > 1 else 0]) for tail, v in zip(self.tails, self.tail_views)]
+        features = [o[1] for o in outs]
+        ensemble = self.head(torch.cat(features, dim=1)) if self.head is not None else None
+        pooled = torch.stack([h.mean(dim=(2, 3)) for h in trunk])
+        return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack(features), ensemble, pooled)
 
     def without_head(self) -> "Branched":
         """A deep copy with the same trunk and tails but no ensemble head (an EMA teacher)."""
@@ -125,9 +128,8 @@ class Cohort(nn.Module):
         return len(self.nets)
 
     def forward(self, x: Tensor) -> PeerOutputs:
-        x, shared = split_views(x, self.peers)
-        views = [x] * self.peers if shared else x.unbind(0)
-        outs = [net.tail(net.trunk(v)) for net, v in zip(self.nets, views)]
+        views = views_of(x, self.peers)
+        outs = [net.tail(net.trunk(views[i if len(views) > 1 else 0])) for i, net in enumerate(self.nets)]
         logits = torch.stack([o[0] for o in outs])
         features = torch.stack([o[1] for o in outs])
         return PeerOutputs(logits, features, None, None)
