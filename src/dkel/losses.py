@@ -178,13 +178,8 @@ def peer_kd(student_logits: Tensor, targets: Tensor, temperature: float = 3.0, d
 
 
 def mutual_kd(logits: Tensor, temperature: float = 3.0) -> Tensor:
-    """DML's distillation, summed over peers: sum_k mean_{l != k} KD_tau(z_k, z_l), peers detached.
-
-    Broadcast elementwise ([K, K, B, C]) rather than `pairwise_kd`'s einsum, which autocast
-    would run in half precision."""
-    k = logits.shape[0]
-    pairs = kd_loss(logits[:, None].expand(k, *logits.shape), logits[None].expand(k, *logits.shape), temperature)
-    return off_diagonal_mean(pairs).sum()
+    """DML's distillation, summed over peers: sum_k mean_{l != k} KD_tau(z_k, z_l), peers detached."""
+    return off_diagonal_mean(pairwise_kd(logits, logits, temperature)).sum()
 
 
 def dml_loss(logits: Logits, targets: Tensor, *, temperature: float = 3.0,

@@ -24,22 +24,20 @@ def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int,
     """Random crops with zero padding and horizontal flips, all samples and views at once.
 
     images: [B, C, H, W] uint8; top/left/flip: [K, B] with offsets in [0, 2*pad].
-    Returns [K, B, C, H, W] uint8, laid out channels-last per image if asked."""
-    _, c, h, w = images.shape
+    Returns [K, B, C, H, W] uint8, laid out channels-last per image if asked.  Every
+    output pixel is one row of a [pixels, C] table, so the whole batch is one gather."""
+    b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    k, b = top.shape
+    table = padded.permute(0, 2, 3, 1).reshape(-1, c)  # [B * Hp * Wp, C]
+    hp, wp = h + 2 * pad, w + 2 * pad
+    k = top.shape[0]
     dev = images.device
     rows = top[..., None] + torch.arange(h, device=dev)  # [K, B, H]
     ar = torch.arange(w, device=dev)
     cols = left[..., None] + torch.where(flip[..., None].bool(), w - 1 - ar, ar)  # [K, B, W]
-    sample = torch.arange(b, device=dev)[None, :, None, None, None]
-    chan = torch.arange(c, device=dev)
-    if channels_last:  # gather straight into [K, B, H, W, C] memory
-        out = padded[sample, chan[None, None, None, None, :], rows[:, :, :, None, None],
-                     cols[:, :, None, :, None]]
-        return out.permute(0, 1, 4, 2, 3)
-    return padded[sample, chan[None, None, :, None, None], rows[:, :, None, :, None],
-                  cols[:, :, None, None, :]]
+    index = (torch.arange(b, device=dev)[None, :, None, None] * hp + rows[..., None]) * wp + cols[:, :, None, :]
+    out = table.index_select(0, index.flatten()).view(k, b, h, w, c).permute(0, 1, 4, 2, 3)
+    return out if channels_last else out.contiguous()
 
 
 class Normalize:
