@@ -19,7 +19,7 @@ import torch
 from . import runtime
 from .config import TimeScale, parse_overrides, resolve
 from .data import ViewLoader
-from .engine import Stepper
+from .engine import Stepper, compile_forwards
 from .methods import METHODS, Setup, method_configs
 from .models import MODELS
 
@@ -63,9 +63,7 @@ def build_subject(values: dict[str, Any], rt: runtime.Runtime, classes: int, bat
     setup = Setup(cfg.model, classes, 3, cfg.peers, cfg.epochs, 391, TimeScale())
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format).train()
     views = 1 if cls.shared_view else cfg.peers
-    if cfg.compile:
-        for name in method.forward_modules:
-            method.wrap(name, torch.compile)
+    compile_forwards(method, cfg)
     stepper = Stepper(cfg, method, rt, 391)
     epoch = 100  # past the ramp-up and the decaying ensemble, as the released code's benchmark
     g = torch.Generator().manual_seed(0)

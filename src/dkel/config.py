@@ -55,6 +55,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # default: on
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     threads: Optional[int] = None  # CPU threads (default: torch's choice)
     eval_batch_size: int = 1000
     sync_bn: bool = False  # SyncBatchNorm in the trained modules under DDP

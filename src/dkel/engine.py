@@ -117,6 +117,13 @@ def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimi
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
 
+def compile_forwards(method: Method, cfg: Any) -> None:
+    """torch.compile every forward the method calls in training, if asked."""
+    if cfg.compile:
+        for name in method.forward_modules:
+            method.wrap(name, lambda fn: torch.compile(fn, mode=cfg.compile_mode))
+
+
 class Stepper:
     """One optimisation step of a method: losses, backward, optimizer, schedule, EMA.
 
@@ -372,9 +379,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
             method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         method.wrap("student", lambda m: DDP(m, device_ids=ids))
-    if cfg.compile:
-        for name in method.forward_modules:
-            method.wrap(name, torch.compile)
+    compile_forwards(method, cfg)
     consts = method.time_constants()
     if rt.main:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",

@@ -59,8 +59,9 @@ class Method(nn.Module):
         """Call submodule `name` through its wrapper (DDP, torch.compile) if the engine set one."""
         return self._runners.get(name, getattr(self, name))(x)
 
-    def wrap(self, name: str, wrapper: Callable[[nn.Module], Callable]) -> None:
-        self._runners[name] = wrapper(getattr(self, name))
+    def wrap(self, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+        """Wrap how submodule `name` is called; wrappers compose (torch.compile over DDP)."""
+        self._runners[name] = wrapper(self._runners.get(name, getattr(self, name)))
 
     @property
     def mode(self) -> Optional[str]:
