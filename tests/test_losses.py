@@ -185,6 +185,16 @@ def test_reference_mode_fixed_values(batch):
     assert hand[0] == pytest.approx(8.1012697, rel=1e-6) and hand[81] == pytest.approx(9.8120621, rel=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("epoch,r,w", [(0, 0.1 * math.exp(-5), 1.0), (5, 0.0, math.exp(-2.5)),
+                                       (81, 0.1, 0.0), (150, 0.1, 0.0)])
+def test_reference_mode_every_term_for_k_peers(batch, k, epoch, r, w):
+    """The released code's weights (r doubles as lambda_dk) applied to the SPEC terms, K = 2..4."""
+    z, z_e, t, y = batch[k]
+    total, _ = expected_dkel(z, z_e, t, y, r, w, r)
+    assert run(z, z_e, t, y, epoch, mode="reference")["loss"].item() == pytest.approx(total, rel=1e-10)
+
+
 def test_sequence_and_stacked_inputs_agree(batch):
     z, z_e, t, y = batch[3]
     as_t = lambda a: torch.tensor(a, dtype=torch.float64)

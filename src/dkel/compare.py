@@ -49,7 +49,7 @@ key=value sets a config key for every run; key=v1,v2,... sweeps it (lists in bra
 values). A key applies only to the methods that have it."""
 
 # keys that choose how a run executes, not what it computes: ignored when comparing configs
-EXECUTION_KEYS = {"device", "threads", "progress", "compile", "data_dir", "cache_dir", "download", "tensorboard",
+EXECUTION_KEYS = {"device", "threads", "progress", "compile", "compile_mode", "data_dir", "cache_dir", "download", "tensorboard",
                   "eval_batch_size", "channels_last"}
 GRID_KEYS = {"method", "model", "dataset", "seed", "runs_dir", "out"}
 PEER_SUFFIX = re.compile(r"\d+$")
