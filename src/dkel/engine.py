@@ -318,12 +318,27 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def check_finite(value: float, epoch: int, step: int, folder: RunFolder, last_good: Optional[int]) -> None:
-    if math.isfinite(value):
+def check_finite(loss_sum: torch.Tensor, rt: runtime.Runtime, epoch: int, step: int, folder: RunFolder,
+                 last_good: Optional[int]) -> None:
+    """Stop if the summed loss of any process is not finite (all processes decide together)."""
+    finite = torch.isfinite(loss_sum).to(torch.int32)
+    if rt.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item():
         return
     kept = (f"the last good state is {folder.last} (end of epoch {last_good + 1})" if last_good is not None
             else "no checkpoint had been written yet")
+    value = loss_sum.item() if not torch.isfinite(loss_sum) else float("nan")
     raise TrainingStopped(f"loss became {value} in epoch {epoch + 1} (by step {step}); stopped, {kept}")
+
+
+def rank0_decides(value: Any, rt: runtime.Runtime) -> Any:
+    """Rank 0's value on every process, so that all take the same branch."""
+    if not rt.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -> dict[str, Any]:
@@ -395,14 +410,15 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         for views, labels in loader:
             meter.add(stepper(views, labels, epoch), labels)
             progress.advance()
-            if progress.due():
-                check_finite(meter.mean_loss(), epoch, stepper.step, folder, last_checkpointed(history))
+            if progress.due():  # only rank 0 shows progress, so only a single process checks here
+                if not rt.distributed:
+                    check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
                 progress.show({"loss": meter.mean_loss(), "acc": meter.accuracy(),
                                "img/s": meter.steps * cfg.batch_size / (time.perf_counter() - t0)})
         train_time = time.perf_counter() - t0
         progress.close()
+        check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": stepper.optimizer.param_groups[0]["lr"], **meter.row()}
-        check_finite(row["train_loss"], epoch, stepper.step, folder, last_checkpointed(history))
         row.update(method.epoch_diagnostics())
         if rt.distributed:
             sync_buffers(method)
@@ -415,7 +431,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         improved = row["deploy_acc"] > best["acc"]
         if improved:
             best = {"acc": row["deploy_acc"], "epoch": epoch + 1}
-        collapse = collapsed(row, data.num_classes) if cfg.collapse_check else None
+        collapse = rank0_decides(collapsed(row, data.num_classes) if cfg.collapse_check else None, rt)
         if rt.main:
             state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "method": method.state_dict(),
                      "stepper": stepper.state_dict(), "rng": rng_state(), "history": history, "best": best,
