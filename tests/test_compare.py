@@ -127,6 +127,16 @@ def test_existing_folder_with_another_config_is_an_error(tmp_path):
     assert compare.plan(["independent"], ["resnet8"], ["digits"], [0], {"epochs": 2}, {}, tmp_path)[0].action == "resume"
 
 
+def test_plain_train_runs_are_found_by_compare(tmp_path):
+    """A run made with `dkel train runs_dir=OUT` (no name) is the run compare would make."""
+    (p,) = compare.plan(["dkel"], ["resnet8"], ["digits"], [0], {"epochs": 2}, {}, tmp_path)
+    p.folder.mkdir(parents=True)
+    (p.folder / "config.yaml").write_text(yaml.safe_dump({**p.resolved, "name": None}))
+    (p.folder / "results.json").write_text("{}")
+    assert p.folder.name == "paper-seed0"
+    assert compare.plan(["dkel"], ["resnet8"], ["digits"], [0], {"epochs": 2}, {}, tmp_path)[0].action == "skip"
+
+
 def test_compare_end_to_end_skips_and_resumes(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "independent,dkel", "--model", "resnet8", "--dataset", "digits", "--seeds", "1",

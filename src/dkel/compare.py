@@ -542,6 +542,8 @@ def existing_action(p: Planned) -> str:
             raise DkelError(f"{p.folder} exists but is not a run folder (no config.yaml); move it away")
         return "train"
     saved = yaml.safe_load(cfg_file.read_text()) or {}
+    if saved.get("name") is None:  # a plain `dkel train` run: its name was the folder's default
+        saved["name"] = variant_of(p.folder, saved)
     wanted = p.resolved
     diff = [k for k in wanted if k in saved and k not in EXECUTION_KEYS | {"runs_dir"} and saved[k] != wanted[k]]
     if diff:
