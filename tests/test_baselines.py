@@ -273,7 +273,7 @@ def test_one_gate_is_a_distribution(shared):
     student = method.student
     views, _ = batch(method, 3)
     x = views[0] if shared else views
-    trunk = student(x).trunk.mean(0)  # pooled trunk output, averaged over the views
+    trunk = torch.stack([h.mean(dim=(2, 3)) for h in student(x).trunk]).mean(0)  # averaged over the views
     gate = student.gate(trunk)
     assert gate.shape == (4, 3)
     assert (gate >= 0).all()

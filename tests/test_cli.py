@@ -7,7 +7,7 @@ import pytest
 from conftest import PYTHON
 from dkel.cli import main
 from test_data import solid, write_image_folder
-from test_engine import exploding  # noqa: F401  (fixture)
+from test_engine import exploding  # noqa: F401  (a fixture: pytest finds it by name)
 
 
 def fails(capsys, args, pattern):
@@ -107,7 +107,7 @@ def test_train_eval_export(capsys, tmp_path):
     capsys.readouterr()
     main(["eval", str(run)])
     table = capsys.readouterr().out
-    assert "| teacher1 (deployed) |" in table and "| student_ensemble |" in table
+    assert "| teacher1 (deploy_acc) |" in table and "| student_ensemble |" in table
     for fmt in ("safetensors", "torchscript", "onnx"):
         main(["export", str(run), "--format", fmt])
         assert "max |difference|" in capsys.readouterr().out

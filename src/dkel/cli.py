@@ -25,10 +25,11 @@ TRAIN_FLAGS = {
     "out": (str, "exact run folder (default: runs/<dataset>/<method>-<model>/<name>-seed<k>)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
     "precision": (str, "auto, fp32, bf16 or fp16"),
-    "mode": (str, "DKEL/PCL: paper (as described) or reference (as the released code behaves)"),
+    "mode": (str, "DKEL: paper (as described) or reference (the released code's loss weights, EMA warm-up "
+                  "and teacher initialisation)"),
     "init_steps": (int, "DKEL: teacher initialisation steps k"),
     "decay": (str, "DKEL: ensemble decay exp|cos|linear|none|const"),
-    "beta": (float, "DKEL: exponential decay rate per epoch"),
+    "beta": (float, "DKEL: exponential decay rate per epoch at the paper's length (stretched with time_scale)"),
 }
 
 
@@ -42,7 +43,7 @@ def add_train(sub) -> None:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, help=help_text)
     p.add_argument("--download", action="store_const", const=True, help="download the dataset if missing")
     p.add_argument("--no-teacher-init", dest="teacher_init", action="store_const", const=False,
-                   help="DKEL: skip the teacher initialisation (init_steps=0)")
+                   help="DKEL: skip the teacher initialisation (teacher_init=false)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward passes")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -85,9 +86,9 @@ def cmd_eval(args) -> None:
     from .engine import evaluate_run
 
     acc, deploy = evaluate_run(args.run_dir, args.checkpoint, args.device)
-    print(f"| output | top-1 |\n|---|---|")
+    print("| output | top-1 |\n|---|---|")
     for name, value in acc.items():
-        mark = " (deployed)" if name == deploy else ""
+        mark = " (deploy_acc)" if name == deploy else ""
         print(f"| {name}{mark} | {value * 100:.2f} |")
 
 

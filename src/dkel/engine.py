@@ -33,6 +33,7 @@ from .config import TimeScale, to_dict
 from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
 from .errors import DkelError, TrainingStopped
 from .methods import METHODS, Method, Setup
+from .models import MODELS
 from .progress import Progress
 
 log = logging.getLogger("dkel")
@@ -75,6 +76,9 @@ class Built:
 def build(cfg: Any, rt: runtime.Runtime) -> Built:
     """Data on the device, its loader, and the method's modules."""
     cls = METHODS.get(cfg.method)
+    MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
+    if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
+        raise DkelError("sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
     if cfg.peers < cls.min_peers:
         raise DkelError(f"method {cfg.method} needs peers >= {cls.min_peers}, got {cfg.peers}")
     cls.check(cfg)
@@ -95,20 +99,23 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     if len(loader) == 0:
         raise DkelError(f"{len(data.train_labels)} training images make no batch of at least 2 per process")
     spec = data.spec
-    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, len(loader), spec.paper_epochs,
+    # counted as one process would, so the time constants do not depend on the number of processes
+    steps_per_epoch = len(loader.unsharded())
+    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, spec.paper_epochs,
                                    spec.paper_steps_per_epoch)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, len(loader), time_scale)
+    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, loader, method)
 
 
-def lr_factor(cfg: Any, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
+def lr_at(cfg: Any, epoch: float) -> float:
+    """The learning rate at a (fractional) epoch: a pure function, so nothing to checkpoint and
+    the same schedule whatever the number of processes."""
     if cfg.schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    return lambda step: cfg.gamma ** sum(step // steps_per_epoch >= m for m in cfg.milestones)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    return cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
 
 
 def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimizer:
@@ -130,32 +137,31 @@ class Stepper:
     The training loop and `dkel bench` both step through this, so what is benchmarked
     is exactly what trains."""
 
-    def __init__(self, cfg: Any, method: Method, rt: runtime.Runtime, steps_per_epoch: int):
-        self.method, self.rt = method, rt
+    def __init__(self, cfg: Any, method: Method, rt: runtime.Runtime):
+        self.cfg, self.method, self.rt = cfg, method, rt
         self.optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.step = 0
 
-    def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int):
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, fraction: float = 0.0):
+        """One step at `epoch` + `fraction` of it (which sets the learning rate)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, epoch + fraction)
         with self.rt.autocast():
             out = self.method.losses(views, labels, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.method.after_step(self.step)
         self.step += 1
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
 
@@ -188,9 +194,16 @@ class EpochMeter:
     def accuracy(self) -> float:
         return self.correct.item() / self.seen
 
-    def row(self) -> dict[str, Any]:
-        return {**{f"train_{k}": v.item() / self.steps for k, v in self.sums.items()},
-                "train_acc": self.accuracy(), **self.floats}
+    def row(self, rt: runtime.Runtime) -> dict[str, Any]:
+        """Epoch means over every process."""
+        names = list(self.sums)
+        totals = torch.stack([*(self.sums[n].float() for n in names), self.correct.float(),
+                              self.correct.new_tensor(float(self.seen))])
+        if rt.distributed:
+            dist.all_reduce(totals)
+        means = (totals[:-2] / (self.steps * rt.world)).tolist()
+        return {**{f"train_{n}": v for n, v in zip(names, means)},
+                "train_acc": (totals[-2] / totals[-1]).item(), **self.floats}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -266,7 +279,8 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
         raise DkelError(f"{run_dir} has no checkpoints/{path.name} yet (no epoch has finished)")
     ckpt = load_checkpoint(path)
     cfg = resolve([(str(folder.config), load_yaml(folder.config))], method_configs())
-    rt = runtime.setup(device, cfg.precision, cfg.channels_last, cfg.threads)
+    precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
+    rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
     method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     method.load_state_dict(ckpt["method"])
@@ -361,7 +375,11 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
         (folder.root / "checkpoints").mkdir(exist_ok=True)
         handler = attach_log_file(folder.log)
         folder.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        folder.env.write_text(json.dumps(environment(rt), indent=2))
+        env = environment(rt)
+        if folder.env.is_file():  # resumed: keep where the run started, log where it continues
+            log.info("continuing on %s (%s, torch %s)", env["device_name"], env["device"], env["torch"])
+        else:
+            folder.env.write_text(json.dumps(env, indent=2))
     try:
         return _train(cfg, rt, data, loader, method, folder, ckpt)
     finally:
@@ -371,7 +389,7 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
 
 
 def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
-    stepper = Stepper(cfg, method, rt, len(loader))
+    stepper = Stepper(cfg, method, rt)
     history: list[dict[str, Any]] = []
     best = {"acc": -1.0, "epoch": None}
     start_epoch = 0
@@ -383,7 +401,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
     else:
         # every process prepares on the same full batches, so all end up identical
-        method.prepare(loader.unsharded().batches(-1))
+        method.prepare(loader.unsharded().stream(-1))
         if rt.distributed:
             for tensor in method.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -408,7 +426,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         meter = EpochMeter(rt.device)
         t0 = time.perf_counter()
         for views, labels in loader:
-            meter.add(stepper(views, labels, epoch), labels)
+            meter.add(stepper(views, labels, epoch, meter.steps / len(loader)), labels)
             progress.advance()
             if progress.due():  # only rank 0 shows progress, so only a single process checks here
                 if not rt.distributed:
@@ -418,7 +436,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         train_time = time.perf_counter() - t0
         progress.close()
         check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": stepper.optimizer.param_groups[0]["lr"], **meter.row()}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), **meter.row(rt)}
         row.update(method.epoch_diagnostics())
         if rt.distributed:
             sync_buffers(method)

@@ -98,6 +98,8 @@ def setup(device: str = "auto", precision: str = "auto", channels_last: bool | N
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device, local_rank)
+    if world > 1 and dev.type == "cuda":  # one GPU per process, whatever index was named
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cpu":
         keep_freed_memory()
     if world > 1 and not dist.is_initialized():

@@ -82,6 +82,14 @@ class ViewLoader:
         self.set_epoch(epoch)
         return iter(self)
 
+    def stream(self, first_epoch: int = -1) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches without end, from epochs first_epoch, first_epoch - 1, ... (negative epochs
+        are draws that training itself never uses)."""
+        epoch = first_epoch
+        while True:
+            yield from self.batches(epoch)
+            epoch -= 1
+
     @property
     def num_batches(self) -> int:
         n = len(self.labels)

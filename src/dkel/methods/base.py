@@ -5,6 +5,7 @@ besides (EMA teachers, counters), so its state_dict is its whole state.  The eng
 only ever calls the methods below; a method's math lives in its own file."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import NoConfig, TimeScale
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,27 @@ class Method(nn.Module):
     def __init__(self, cfg: Any, setup: Setup):
         super().__init__()
         self.cfg, self.setup = cfg, setup
+        self.hp = self.settings(cfg)
         self.student: nn.Module  # the trained part: the only module in the optimizer and in DDP
         self._runners: dict[str, Callable] = {}
 
     # -- building ------------------------------------------------------------------------
     @classmethod
+    def settings(cls, cfg: Any) -> Any:
+        """This method's own hyperparameters, as its typed Config, from the flat run config."""
+        return cls.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Config)})
+
+    @classmethod
+    def problems(cls, hp: Any, cfg: Any) -> list[tuple[bool, str]]:
+        """(condition, message) pairs; the first false condition is reported."""
+        return []
+
+    @classmethod
     def check(cls, cfg: Any) -> None:
-        """Reject impossible hyperparameters (raise ConfigError)."""
+        """Reject impossible hyperparameters with a ConfigError naming the first problem."""
+        for ok, msg in cls.problems(cls.settings(cfg), cfg):
+            if not ok:
+                raise ConfigError(msg)
 
     def run(self, name: str, x: Tensor):
         """Call submodule `name` through its wrapper (DDP, torch.compile) if the engine set one."""

@@ -4,14 +4,12 @@
 ramp-up r(e) scaled to the run's length, peer reporting and deployment of peer 1."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from torch import Tensor, nn
 
 from .. import models
-from ..errors import ConfigError
 from ..losses import sigmoid_rampup
 from ..models import Branched
 from .base import Method, named_peers, peer_names
@@ -38,24 +36,11 @@ class Baseline(Method):
 
     def __init__(self, cfg: Any, setup):
         super().__init__(cfg, setup)
-        self.hp = self.settings(cfg)
         ramped = isinstance(self.hp, RampedConfig)
         self.rampup_length: Optional[float] = setup.time.epochs(self.hp.rampup_length) if ramped else None
 
     @classmethod
-    def settings(cls, cfg: Any):
-        """This method's own hyperparameters, as its typed Config, from the flat run config."""
-        return cls.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls.Config)})
-
-    @classmethod
-    def check(cls, cfg: Any) -> None:
-        for ok, msg in cls.problems(cls.settings(cfg), cfg):
-            if not ok:
-                raise ConfigError(msg)
-
-    @classmethod
     def problems(cls, hp: Any, cfg: Any) -> list[tuple[bool, str]]:
-        """(condition, message) pairs; the first false condition is reported."""
         out = [(hp.temperature > 0, f"temperature must be > 0, got {hp.temperature}")]
         if isinstance(hp, RampedConfig):
             out += [(hp.rampup_length > 0, f"rampup_length must be > 0, got {hp.rampup_length}"),

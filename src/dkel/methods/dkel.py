@@ -9,7 +9,6 @@ decaying weight (decaying ensemble).  `mode=reference` reproduces the released D
 code instead of the paper (SPEC section 2.1).  PCL is this class with both switches off."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -17,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import models
-from ..errors import ConfigError
 from ..losses import DECAYS, MODES, cross_entropy, dkel_loss
 from .base import Method, StepOutput, ema_update, named_peers, peer_names
 
@@ -64,7 +62,6 @@ class DKEL(Method):
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
-        self.hp = self.settings(cfg)
         self.student = models.create_branched(setup.model, setup.num_classes, setup.peers, True, setup.in_channels)
         # same initial weights and BN buffers as the student, but never shared with it
         self.teacher = self.student.without_head().requires_grad_(False)
@@ -76,15 +73,11 @@ class DKEL(Method):
         self.warmup = self.hp.ema_warmup if self.hp.ema_warmup is not None else self.hp.mode == "reference"
         self._ema_lists: Optional[tuple[list[Tensor], list[Tensor]]] = None
         self._monitor: dict[str, Tensor] = {}
+        self._monitor_steps = 0
 
     @classmethod
-    def settings(cls, cfg) -> DKELConfig:
-        return DKELConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DKELConfig)})
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        hp = cls.settings(cfg)
-        problems = [
+    def problems(cls, hp: DKELConfig, cfg) -> list[tuple[bool, str]]:
+        return [
             (hp.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {hp.mode!r}"),
             (hp.decay in DECAYS, f"decay must be one of {', '.join(DECAYS)}, got {hp.decay!r}"),
             (0.0 <= hp.ema_alpha < 1.0, f"ema_alpha must be in [0, 1), got {hp.ema_alpha}"),
@@ -95,9 +88,6 @@ class DKEL(Method):
             (hp.decay_horizon > 0 and hp.rampup_length > 0, "decay_horizon and rampup_length must be > 0"),
             (1 <= hp.deploy_peer <= cfg.peers, f"deploy_peer must be in 1..{cfg.peers}, got {hp.deploy_peer}"),
         ]
-        for ok, msg in problems:
-            if not ok:
-                raise ConfigError(msg)
 
     def run_tag(self) -> str:
         return self.hp.mode
@@ -167,19 +157,18 @@ class DKEL(Method):
         k = student.shape[0]
         values = {"student_logit_norm": student.float().norm(dim=-1).mean(),
                   "teacher_logit_norm": teacher.float().norm(dim=-1).mean(),
-                  "student_teacher_kl": dk_individual / k,  # mean over pairs i != j
-                  "steps": torch.ones((), device=student.device)}
+                  "student_teacher_kd": dk_individual / k}  # tau^2 KL, mean over pairs i != j
         for name, v in values.items():
             self._monitor[name] = self._monitor[name] + v if name in self._monitor else v
+        self._monitor_steps += 1
 
     def epoch_diagnostics(self) -> dict[str, float]:
         if not self._monitor:
             return {}
-        steps = self._monitor.pop("steps").item()
-        out = {name: v.item() / steps for name, v in self._monitor.items()}
+        out = {name: v.item() / self._monitor_steps for name, v in self._monitor.items()}
         out["param_norm"] = torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm([p.detach().float() for p in self.student.parameters()]))).item()
-        self._monitor = {}
+        self._monitor, self._monitor_steps = {}, 0
         return out
 
     # -- evaluation and deployment ---------------------------------------------------------

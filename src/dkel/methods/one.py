@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..losses import gated_ensemble, one_loss
@@ -39,7 +40,8 @@ class OneStudent(nn.Module):
 
     def forward(self, x: Tensor) -> PeerOutputs:
         out = self.net(x)
-        gate = self.gate(out.trunk.mean(0))  # pooled trunk output, averaged over the views
+        pooled = torch.stack([h.mean(dim=(2, 3)) for h in out.trunk]).mean(0)  # averaged over the views
+        gate = self.gate(pooled)
         return out._replace(ensemble=gated_ensemble(out.logits, gate))
 
     def deploy(self, peer: int = 0) -> nn.Module:

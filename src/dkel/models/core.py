@@ -55,7 +55,7 @@ class PeerOutputs(NamedTuple):
     logits: Tensor  # [K, B, C]
     features: Tensor  # [K, B, d] pooled tail features
     ensemble: Optional[Tensor]  # [B, C] from the peer-ensemble head, if any
-    trunk: Optional[Tensor]  # branched models: pooled trunk output per view, [V, B, C_trunk]
+    trunk: Optional[list[Tensor]]  # branched models: the trunk output of each view
 
 
 def views_of(x: Tensor, views: int) -> list[Tensor]:
@@ -99,8 +99,7 @@ class Branched(nn.Module):
         outs = [tail(trunk[v if len(trunk) > 1 else 0]) for tail, v in zip(self.tails, self.tail_views)]
         features = [o[1] for o in outs]
         ensemble = self.head(torch.cat(features, dim=1)) if self.head is not None else None
-        pooled = torch.stack([h.mean(dim=(2, 3)) for h in trunk])
-        return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack(features), ensemble, pooled)
+        return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack(features), ensemble, trunk)
 
     def without_head(self) -> "Branched":
         """A deep copy with the same trunk and tails but no ensemble head (an EMA teacher)."""
