@@ -159,3 +159,25 @@ def test_impossible_hyperparameters(values, message):
 
     with pytest.raises(ConfigError, match=message):
         METHODS.get("dkel").check(make_config(method="dkel", **values))
+
+
+@pytest.mark.parametrize("mode,k,steps", [("paper", 5, 5), ("reference", 1, 2)])
+def test_teacher_init_takes_exactly_its_steps_when_an_epoch_is_shorter(mode, k, steps):
+    """With one batch per epoch, the initialisation keeps drawing from further (unused) epochs."""
+    from dkel.data import ViewLoader, load_dataset
+
+    data = load_dataset("digits", train_subset=100)
+    loader = ViewLoader(data.train_images, data.train_labels, batch_size=128, views=3, pad=1, flip=False,
+                        mean=data.mean, std=data.std, seed=0)
+    assert len(loader) == 1
+    drawn = []
+
+    def counted(stream):
+        for batch in stream:
+            drawn.append(batch)
+            yield batch
+
+    method = build(mode=mode, init_steps=k)
+    method.prepare(counted(loader.stream(-1)))
+    assert len(drawn) == steps
+    assert not torch.equal(drawn[0][0], drawn[-1][0]) or steps == 1
