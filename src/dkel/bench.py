@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from . import runtime
 from .config import TimeScale, parse_overrides, resolve
 from .data import ViewLoader
 from .engine import Stepper, compile_forwards
+from .errors import DkelError
 from .methods import METHODS, Setup, method_configs
 from .models import MODELS
 
@@ -145,13 +147,32 @@ def run_bench(method: str, model: str, num_classes: int, batch_size: int, peers:
     return result
 
 
+def run_processes(argv: list[str], processes: int) -> dict[str, Any]:
+    """The throughput preset: `processes` copies of the same benchmark at once (several runs sharing
+    one GPU, or the cores of a CPU); img/s are summed over the copies."""
+    cmd = [sys.executable, "-m", "dkel", "bench", *argv, "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise DkelError(f"a benchmark process failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    total = {k: sum(r[k] for r in results) for k in ("img_per_s", "plain_img_per_s")}
+    return {**results[0], **total, "ratio_to_plain": total["img_per_s"] / total["plain_img_per_s"],
+            "processes": processes, "img_per_s_per_process": [r["img_per_s"] for r in results],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in results)}
+
+
 def print_result(r: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(r))
         return
+    procs = f", {r['processes']} processes at once" if "processes" in r else ""
     print(f"| {r['method']} {r['model']} ({r['num_classes']} classes, batch {r['batch_size']}, {r['peers']} peers, "
           f"{r['precision']}{', compiled' if r['compile'] else ''}{', end-to-end' if r['end_to_end'] else ''}, "
-          f"{r['device']}, {r['threads']} threads) | img/s | ms/step |\n|---|---|---|\n"
+          f"{r['device']}, {r['threads']} threads{procs}) | img/s | ms/step |\n|---|---|---|\n"
           f"| {r['method']} step | {r['img_per_s']:.1f} | {r['step_ms']:.1f} |\n"
           f"| plain single {r['model']} step | {r['plain_img_per_s']:.1f} | {r['plain_step_ms']:.1f} |\n"
           f"| ratio to plain | {r['ratio_to_plain']:.3f} | |\n"

@@ -213,11 +213,27 @@ def add_bench(sub) -> None:
     p.add_argument("--iters", type=int, default=12, help="timed steps of each network")
     p.add_argument("--rounds", type=int, default=4, help="interleaving rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--processes", type=int, default=1,
+                   help="throughput preset: run this many copies at once and sum their img/s "
+                        "(several runs sharing one GPU)")
 
 
 def cmd_bench(args) -> None:
-    from .bench import print_result, run_bench
+    from .bench import print_result, run_bench, run_processes
 
+    for name, low in (("warmup", 0), ("iters", 1), ("rounds", 1), ("processes", 1), ("batch_size", 2)):
+        if getattr(args, name) < low:
+            raise DkelError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.iters < args.rounds:
+        raise DkelError(f"--iters ({args.iters}) must be at least --rounds ({args.rounds})")
+    if args.processes > 1:  # each copy gets the same arguments, one process each
+        copy = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                ("method", "model", "num_classes", "batch_size", "peers", "device", "precision", "warmup", "iters",
+                 "rounds")]
+        copy += [f"--{flag.replace('_', '-')}" for flag in ("compile", "end_to_end") if getattr(args, flag)]
+        copy += [f"--threads={args.threads}"] if args.threads else []
+        print_result(run_processes(copy + args.overrides, args.processes), args.json)
+        return
     result = run_bench(args.method, args.model, args.num_classes, args.batch_size, args.peers, args.device,
                        args.precision, args.compile, args.end_to_end, args.threads, args.warmup, args.iters,
                        args.rounds, args.overrides)

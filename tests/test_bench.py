@@ -1,0 +1,27 @@
+import json
+
+from dkel.cli import main
+
+
+def test_bench_reports_ratio_against_a_plain_network(capsys):
+    main(["bench", "--model", "resnet8", "--batch-size", "8", "--iters", "2", "--rounds", "2", "--warmup", "1",
+          "--threads", "1", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"img_per_s", "plain_img_per_s", "ratio_to_plain", "peak_rss_mib"} <= set(r)
+    assert r["ratio_to_plain"] == r["img_per_s"] / r["plain_img_per_s"] and r["steps_timed"] == 2
+    assert r["method"] == "dkel" and r["peers"] == 3 and r["precision"] == "float32"
+
+
+def test_bench_end_to_end_and_a_shared_view_method(capsys):
+    main(["bench", "--method", "dml", "--model", "resnet8", "--batch-size", "8", "--iters", "1", "--rounds", "1",
+          "--warmup", "1", "--end-to-end"])
+    table = capsys.readouterr().out
+    assert "| dml step |" in table and "end-to-end" in table and "| ratio to plain |" in table
+
+
+def test_throughput_preset_sums_concurrent_processes(capsys):
+    main(["bench", "--model", "resnet8", "--batch-size", "8", "--iters", "1", "--rounds", "1", "--warmup", "0",
+          "--threads", "1", "--processes", "2", "--json", "mode=reference"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["processes"] == 2 and len(r["img_per_s_per_process"]) == 2
+    assert abs(r["img_per_s"] - sum(r["img_per_s_per_process"])) < 1e-6
