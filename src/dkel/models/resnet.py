@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.shortcut = shortcut(cin, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.residual(x) + self.shortcut(x)).relu_()
+        out = self.residual(x)
+        out += self.shortcut(x)  # in place: BatchNorm keeps its input, not its output, for backward
+        return out.relu_()
 
 
 class Bottleneck(nn.Module):
@@ -38,7 +40,9 @@ class Bottleneck(nn.Module):
         self.shortcut = shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.residual(x) + self.shortcut(x)).relu_()
+        out = self.residual(x)
+        out += self.shortcut(x)  # in place: BatchNorm keeps its input, not its output, for backward
+        return out.relu_()
 
 
 def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
