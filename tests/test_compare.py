@@ -161,3 +161,12 @@ def test_compare_end_to_end_skips_and_resumes(tmp_path, capsys):
     third = capsys.readouterr().out
     assert "1 to resume" in third and "(resume)" in third
     assert results[0].is_file()
+
+
+def test_note_names_an_ignored_key_once(tmp_path, capsys):
+    """A key set both in the config file and as a sweep is one key the method lacks, named once."""
+    config = tmp_path / "c.yaml"
+    config.write_text("method: dkel\nmode: paper\n")
+    main(["compare", "--config", str(config), "--methods", "pcl,dkel", "--model", "resnet8", "--dataset", "digits",
+          "--seeds", "1", "--out", str(tmp_path / "o"), "mode=paper,reference", "--dry-run"])
+    assert "note: pcl has no mode; ignored" in capsys.readouterr().out

@@ -665,7 +665,7 @@ def compare_command(args) -> None:
     for method in methods:
         ignored = next((p.ignored for p in runs if p.key["method"] == method and p.ignored), None)
         if ignored:
-            print(f"note: {method} has no {', '.join(ignored)}; ignored for it (one run per seed)")
+            print(f"note: {method} has no {', '.join(dict.fromkeys(ignored))}; ignored for it (one run per seed)")
     for p in runs:
         if p.action == "skip":
             print(f"skipped {p.label()}: finished ({p.folder / 'results.json'})")
