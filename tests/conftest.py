@@ -23,3 +23,22 @@ def make_config(**values):
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def exploding(monkeypatch):
+    """Registers method `exploding`: `independent` with a finite loss in epoch 1 and NaN from epoch 2."""
+    from dkel.methods import METHODS
+    from dkel.methods.independent import Independent
+    from dkel.registry import Entry
+
+    class Exploding(Independent):
+        name = "exploding"
+
+        def losses(self, views, labels, epoch):
+            out = super().losses(views, labels, epoch)
+            if epoch >= 1:
+                out.losses["loss"] = out.losses["loss"] * float("nan")
+            return out
+
+    monkeypatch.setitem(METHODS._entries, "exploding", Entry("exploding", Exploding, "test"))

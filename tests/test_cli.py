@@ -7,7 +7,6 @@ import pytest
 from conftest import PYTHON
 from dkel.cli import main
 from test_data import solid, write_image_folder
-from test_engine import exploding  # noqa: F401  (a fixture: pytest finds it by name)
 
 
 def fails(capsys, args, pattern):

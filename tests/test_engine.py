@@ -11,9 +11,6 @@ import yaml
 from conftest import PYTHON, make_config
 from dkel.engine import load_checkpoint, train
 from dkel.errors import TrainingStopped
-from dkel.methods import METHODS
-from dkel.methods.independent import Independent
-from dkel.registry import Entry
 
 RESULT_KEYS = {"method", "mode", "model", "dataset", "seed", "epochs", "world_size", "deploy_acc",
                "best_deploy_acc", "metrics"}
@@ -86,23 +83,6 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     drop = ("epoch_time_s", "img_per_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in a["history"]] == \
            [{k: v for k, v in r.items() if k not in drop} for r in b["history"]]
-
-
-class Exploding(Independent):
-    """Finite loss in epoch 1, NaN from epoch 2."""
-
-    name = "exploding"
-
-    def losses(self, views, labels, epoch):
-        out = super().losses(views, labels, epoch)
-        if epoch >= 1:
-            out.losses["loss"] = out.losses["loss"] * float("nan")
-        return out
-
-
-@pytest.fixture
-def exploding(monkeypatch):
-    monkeypatch.setitem(METHODS._entries, "exploding", Entry("exploding", Exploding, "test"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path, exploding):
