@@ -9,8 +9,10 @@ import torch
 import yaml
 
 from conftest import PYTHON, make_config
-from dkel.engine import load_checkpoint, train
+from dkel import runtime
+from dkel.engine import EpochMeter, load_checkpoint, train
 from dkel.errors import TrainingStopped
+from dkel.methods import StepOutput
 
 RESULT_KEYS = {"method", "mode", "model", "dataset", "seed", "epochs", "world_size", "deploy_acc",
                "best_deploy_acc", "metrics"}
@@ -105,3 +107,14 @@ def test_collapse_is_detected_and_stops(tmp_path):
 def test_bf16_autocast_on_cpu_trains(tmp_path, precision):
     results = train(make_config(method="dkel", epochs=1, precision=precision, out=str(tmp_path)))
     assert 0 <= results["deploy_acc"] <= 1
+
+
+def test_epoch_meter_averages_losses_and_monitors_over_steps():
+    meter = EpochMeter(torch.device("cpu"))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    for loss, norm in ((1.0, 4.0), (3.0, 8.0)):
+        meter.add(StepOutput({"loss": torch.tensor(loss), "w": 0.5}, logits, {"norm": torch.tensor(norm)}),
+                  torch.tensor([0, 0]))
+    row = meter.row(runtime.Runtime(torch.device("cpu"), torch.float32, False))
+    assert row["train_loss"] == 2.0 and row["norm"] == 6.0 and row["w"] == 0.5 and row["train_acc"] == 0.5
+    assert list(row)[-1] == "norm"  # monitors come after the loss terms and weights

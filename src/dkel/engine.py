@@ -167,23 +167,31 @@ class Stepper:
 
 
 class EpochMeter:
-    """Running sums of a training epoch, kept on the device (no host sync per step)."""
+    """Running sums of a training epoch, kept on the device (no host sync per step): the loss
+    terms (logged as train_<name>) and the method's monitors (logged under their own names)."""
 
     def __init__(self, device: torch.device):
         self.sums: dict[str, torch.Tensor] = {}
+        self.monitors: dict[str, torch.Tensor] = {}
         self.floats: dict[str, float] = {}
         self.correct = torch.zeros((), device=device)
         self.steps = self.seen = 0
+
+    @staticmethod
+    def accumulate(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        store[name] = store[name] + value if name in store else value.clone()
 
     def add(self, out, labels: torch.Tensor) -> None:
         logits = out.logits.detach()
         values = {**out.losses, "logit_norm": logits.float().norm(dim=-1).mean()}
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                value = value.detach()
-                self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+                self.accumulate(self.sums, name, value)
             else:
                 self.floats[name] = value  # weights of the loss terms: the last value is the epoch's
+        for name, value in out.monitors.items():
+            self.accumulate(self.monitors, name, value)
         self.correct += (logits.argmax(-1) == labels).sum()
         self.steps += 1
         self.seen += len(labels)
@@ -196,14 +204,14 @@ class EpochMeter:
 
     def row(self, rt: runtime.Runtime) -> dict[str, Any]:
         """Epoch means over every process."""
-        names = list(self.sums)
-        totals = torch.stack([*(self.sums[n].float() for n in names), self.correct.float(),
-                              self.correct.new_tensor(float(self.seen))])
+        names = [f"train_{n}" for n in self.sums] + list(self.monitors)
+        totals = torch.stack([*(v.float() for v in (*self.sums.values(), *self.monitors.values())),
+                              self.correct.float(), self.correct.new_tensor(float(self.seen))])
         if rt.distributed:
             dist.all_reduce(totals)
-        means = (totals[:-2] / (self.steps * rt.world)).tolist()
-        return {**{f"train_{n}": v for n, v in zip(names, means)},
-                "train_acc": (totals[-2] / totals[-1]).item(), **self.floats}
+        means = dict(zip(names, (totals[:-2] / (self.steps * rt.world)).tolist()))
+        train = {n: means.pop(n) for n in names[:len(self.sums)]}
+        return {**train, "train_acc": (totals[-2] / totals[-1]).item(), **self.floats, **means}
 
 
 # ----------------------------------------------------------------------------- evaluation

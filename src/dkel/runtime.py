@@ -64,7 +64,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """The torch device for `name`; a process of a distributed run always takes GPU `local_rank`."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
@@ -74,7 +75,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
+        if device.index is None or distributed:
             device = torch.device("cuda", local_rank)
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
@@ -97,9 +98,7 @@ def setup(device: str = "auto", precision: str = "auto", channels_last: bool | N
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if threads:
         torch.set_num_threads(threads)
-    dev = pick_device(device, local_rank)
-    if world > 1 and dev.type == "cuda":  # one GPU per process, whatever index was named
-        dev = torch.device("cuda", local_rank)
+    dev = pick_device(device, local_rank, distributed=world > 1)
     if dev.type == "cpu":
         keep_freed_memory()
     if world > 1 and not dist.is_initialized():

@@ -32,6 +32,7 @@ class Setup:
 class StepOutput(NamedTuple):
     losses: dict[str, Any]  # "loss" is the total to minimise; other entries are logged
     logits: Tensor  # [B, C] logits whose training accuracy the progress bar shows
+    monitors: dict[str, Tensor] = {}  # per-step values the engine averages over the epoch (never mutated)
 
 
 class Method(nn.Module):
@@ -103,7 +104,7 @@ class Method(nn.Module):
         """Update state that is not trained by the optimizer (EMA), after optimizer step `step`."""
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        """Per-epoch monitor values gathered during training (reset after each call)."""
+        """Values read once at the end of each training epoch (per-step ones go in StepOutput.monitors)."""
         return {}
 
     # -- evaluation and deployment -------------------------------------------------------

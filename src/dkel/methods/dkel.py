@@ -72,8 +72,6 @@ class DKEL(Method):
         self.alpha = time.ema_alpha(self.hp.ema_alpha)
         self.warmup = self.hp.ema_warmup if self.hp.ema_warmup is not None else self.hp.mode == "reference"
         self._ema_lists: Optional[tuple[list[Tensor], list[Tensor]]] = None
-        self._monitor: dict[str, Tensor] = {}
-        self._monitor_steps = 0
 
     @classmethod
     def problems(cls, hp: DKELConfig, cfg) -> list[tuple[bool, str]]:
@@ -140,8 +138,11 @@ class DKEL(Method):
                           temperature=hp.temperature, beta=self.beta, decay=hp.decay,
                           decay_horizon=self.decay_horizon, rampup_length=self.rampup_length,
                           rampup_max=hp.rampup_max, dk_weight=hp.dk_weight, dk_rampup=hp.dk_rampup)
-        self.monitor(out.logits.detach(), teacher, terms["dk_individual"].detach())
-        return StepOutput(terms, out.logits[0])
+        k = out.logits.shape[0]
+        monitors = {"student_logit_norm": out.logits.detach().float().norm(dim=-1).mean(),
+                    "teacher_logit_norm": teacher.float().norm(dim=-1).mean(),
+                    "student_teacher_kd": terms["dk_individual"].detach() / k}  # tau^2 KL, mean over pairs i != j
+        return StepOutput(terms, out.logits[0], monitors)
 
     def after_step(self, step: int) -> None:
         if self._ema_lists is None:
@@ -152,24 +153,10 @@ class DKEL(Method):
         alpha = min(1.0 - 1.0 / (step + 1), self.alpha) if self.warmup else self.alpha
         ema_update(*self._ema_lists, alpha)
 
-    # -- collapse monitor ------------------------------------------------------------------
-    def monitor(self, student: Tensor, teacher: Tensor, dk_individual: Tensor) -> None:
-        k = student.shape[0]
-        values = {"student_logit_norm": student.float().norm(dim=-1).mean(),
-                  "teacher_logit_norm": teacher.float().norm(dim=-1).mean(),
-                  "student_teacher_kd": dk_individual / k}  # tau^2 KL, mean over pairs i != j
-        for name, v in values.items():
-            self._monitor[name] = self._monitor[name] + v if name in self._monitor else v
-        self._monitor_steps += 1
-
+    # -- collapse monitor (the per-step logit norms and student-teacher KD are the step's monitors)
     def epoch_diagnostics(self) -> dict[str, float]:
-        if not self._monitor:
-            return {}
-        out = {name: v.item() / self._monitor_steps for name, v in self._monitor.items()}
-        out["param_norm"] = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm([p.detach().float() for p in self.student.parameters()]))).item()
-        self._monitor, self._monitor_steps = {}, 0
-        return out
+        return {"param_norm": torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm([p.detach().float() for p in self.student.parameters()]))).item()}
 
     # -- evaluation and deployment ---------------------------------------------------------
     def eval_logits(self, x: Tensor) -> dict[str, Tensor]:
