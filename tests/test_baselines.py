@@ -273,8 +273,7 @@ def test_one_gate_is_a_distribution(shared):
     student = method.student
     views, _ = batch(method, 3)
     x = views[0] if shared else views
-    trunk = torch.stack([h.mean(dim=(2, 3)) for h in student(x).trunk]).mean(0)  # averaged over the views
-    gate = student.gate(trunk)
+    gate = student.gate(student.pooled_trunk(student(x)))
     assert gate.shape == (4, 3)
     assert (gate >= 0).all()
     assert torch.allclose(gate.sum(1), torch.ones(4))

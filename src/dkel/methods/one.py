@@ -38,10 +38,14 @@ class OneStudent(nn.Module):
         self.net = net
         self.gate = make_gate(net.trunk_channels, net.peers)
 
+    @staticmethod
+    def pooled_trunk(out: PeerOutputs) -> Tensor:
+        """[B, C_trunk]: the trunk output pooled over space and averaged over the views."""
+        return torch.stack([h.mean(dim=(2, 3)) for h in out.trunk]).mean(0)
+
     def forward(self, x: Tensor) -> PeerOutputs:
         out = self.net(x)
-        pooled = torch.stack([h.mean(dim=(2, 3)) for h in out.trunk]).mean(0)  # averaged over the views
-        gate = self.gate(pooled)
+        gate = self.gate(self.pooled_trunk(out))
         return out._replace(ensemble=gated_ensemble(out.logits, gate))
 
     def deploy(self, peer: int = 0) -> nn.Module:
