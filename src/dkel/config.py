@@ -29,7 +29,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     # what to train
     method: str = "dkel"
-    model: str = "resnet8"
+    # a zoo name, torchvision:NAME, timm:NAME or module:attribute (a callable num_classes -> nn.Module);
+    # whole-network methods (independent, dml, kdcl) also take a list, one per peer
+    model: Union[str, list[str]] = "resnet8"
+    split: Optional[str] = None  # branched methods: first tail module of a foreign network (default: its last stage)
     dataset: str = "digits"
     data_dir: Optional[str] = None
     download: bool = False
@@ -156,6 +159,10 @@ def validate(cfg: Any) -> Any:
 
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.peers >= 1, f"peers must be >= 1, got {cfg.peers}")
+    if isinstance(cfg.model, list):
+        need(len(cfg.model) == cfg.peers, f"model lists {len(cfg.model)} networks for peers={cfg.peers}; "
+                                          f"give one per peer")
+        need(cfg.split is None, "split applies to branched methods; a list of models trains whole networks")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")

@@ -33,7 +33,7 @@ from .config import TimeScale, to_dict
 from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
 from .errors import DkelError, TrainingStopped
 from .methods import METHODS, Method, Setup
-from .models import MODELS
+from .models import check_spec, spec_slug
 from .progress import Progress
 
 log = logging.getLogger("dkel")
@@ -59,7 +59,7 @@ class RunFolder:
         if cfg.out:
             return cls(Path(cfg.out))
         name = cfg.name or tag
-        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{cfg.model}" / f"{name}-seed{cfg.seed}")
+        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{spec_slug(cfg.model)}" / f"{name}-seed{cfg.seed}")
 
     def is_run(self) -> bool:
         return self.config.is_file()
@@ -76,7 +76,7 @@ class Built:
 def build(cfg: Any, rt: runtime.Runtime) -> Built:
     """Data on the device, its loader, and the method's modules."""
     cls = METHODS.get(cfg.method)
-    MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
+    check_spec(cfg.model, cfg.split)  # an unknown model is reported before any data is decoded
     if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
         raise DkelError("sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
     if cfg.peers < cls.min_peers:
@@ -104,7 +104,8 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, spec.paper_epochs,
                                    spec.paper_steps_per_epoch)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
+    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale,
+                  split=cfg.split, image_size=data.image_size)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, loader, method)

@@ -29,7 +29,9 @@ def export_run(run_dir: Path, fmt: str, which: str = "last", out: Optional[Path]
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net(example)
-    meta = {"model": cfg.model, "method": cfg.method, "num_classes": len(info["classes"]), **info}
+    # the deployed peer's own specification (a mixed cohort lists several)
+    model = getattr(net, "dkel_model", cfg.model)
+    meta = {"model": model, "method": cfg.method, "num_classes": len(info["classes"]), **info}
     got = {"torchscript": _torchscript, "onnx": _onnx, "safetensors": _safetensors}[fmt](net, example, path, meta)
     diff = (got - expected).abs().max().item()
     if diff > 1e-3 * max(1.0, expected.abs().max().item()):
@@ -64,7 +66,8 @@ def _safetensors(net, example, path, meta):
 
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
               metadata={k: json.dumps(v) for k, v in meta.items()})
-    fresh = models.create(meta["model"], meta["num_classes"], meta["in_channels"]).eval()
+    fresh = models.create(meta["model"], meta["num_classes"], meta["in_channels"],
+                          image_size=meta["image_size"]).eval()
     fresh.load_state_dict(load_file(str(path)))
     with torch.no_grad():
         return fresh(example)

@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import models
 from ..losses import DECAYS, MODES, cross_entropy, dkel_loss
 from .base import Method, StepOutput, ema_update, named_peers, peer_names
 
@@ -62,7 +61,7 @@ class DKEL(Method):
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
-        self.student = models.create_branched(setup.model, setup.num_classes, setup.peers, True, setup.in_channels)
+        self.student = setup.branched(setup.peers, True)
         # same initial weights and BN buffers as the student, but never shared with it
         self.teacher = self.student.without_head().requires_grad_(False)
         time = setup.time
