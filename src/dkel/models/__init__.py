@@ -59,7 +59,7 @@ def resolve(model: Any, split: Optional[str] = None, image_size: Optional[int] =
     split: the first tail module of a foreign network (None: where its last stage starts; "": the
     whole network is the tail).  image_size: the data's, for networks built for one size (ViT)."""
     if callable(model):
-        label = getattr(model, "__qualname__", None) or repr(model)
+        label = getattr(model, "__qualname__", None) or type(model).__name__
         return adapters.Adapter(label, adapters.callable_network(model, label), split, image_size)
     if not isinstance(model, str):
         raise ConfigError(f"a model is a name or a callable num_classes -> nn.Module, not a {type(model).__name__}")

@@ -103,6 +103,9 @@ def imported_network(spec: str) -> Network:
 
 def callable_network(fn: Any, label: str) -> Network:
     """fn(num_classes) -> nn.Module; also given in_channels= and image_size= if it names them."""
+    if isinstance(fn, nn.Module):
+        raise ConfigError(f"model {label} is a network; pass what builds it, a callable num_classes -> nn.Module "
+                          f"(dkel builds a fresh one for every peer and tail)")
     if not callable(fn):
         raise ConfigError(f"model {label} is a {type(fn).__name__}, not a callable num_classes -> nn.Module")
     try:
@@ -215,8 +218,7 @@ def _trace_once(net: nn.Module, opened: set[str], label: str) -> fx.Graph:
 
 @dataclass
 class Traced:
-    graph: fx.Graph
-    nodes: list[fx.Node]
+    nodes: list[fx.Node]  # the graph's, in order
     logits: fx.Node  # the network's output
     head: fx.Node  # the nn.Linear classifier call giving it
     feature: fx.Node  # the classifier's input, before dropout and identities
@@ -233,7 +235,7 @@ def trace_to_head(net: nn.Module, opened: set[str], label: str) -> Traced:
         if isinstance(head, fx.Node) and head.op == "call_module":
             module = net.get_submodule(head.target)
             if isinstance(module, nn.Linear):
-                return Traced(graph, nodes, logits, head, _skip(net, head.args[0], PASS_THROUGH))
+                return Traced(nodes, logits, head, _skip(net, head.args[0], PASS_THROUGH))
             if head.target not in opened and next(module.children(), None) is not None:
                 opened.add(head.target)
                 continue
@@ -267,8 +269,7 @@ def candidates(net: nn.Module, label: str) -> list[str]:
         t = trace_to_head(net, opened, label)
     except ConfigError:
         return [n for n, _ in net.named_children()]
-    stop = t.nodes.index(t.feature) if t.feature in t.nodes else len(t.nodes) - 1
-    found = [_stage_name(net, n.target) for i, n in enumerate(t.nodes[:stop])
+    found = [_stage_name(net, n.target) for i, n in enumerate(t.nodes[:t.nodes.index(t.feature)])
              if n.op == "call_module" and len(live_across(t.nodes, i)) == 1]
     return list(dict.fromkeys(found[1:]))
 
@@ -350,48 +351,34 @@ def _owned(gm: fx.GraphModule) -> dict[str, Any]:
             for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
 
 
-def layout(net: nn.Module) -> tuple[str, ...]:
-    """Every module, parameter and buffer name in the order a state dict lists them."""
-    names = []
-    for prefix, m in net.named_modules():
-        dot = prefix + "." if prefix else ""
-        names += [prefix] + [dot + n for n, _ in m.named_parameters(recurse=False)]
-        names += [dot + n for n, _ in m.named_buffers(recurse=False)]
-    return tuple(names)
-
-
-def _register(root: nn.Module, objects: dict[str, Any], order: tuple[str, ...]) -> None:
-    """Put each object under its qualified name in `root`, registered in `order`."""
-    rank = {name: i for i, name in enumerate(order)}
-    for target in sorted(objects, key=lambda t: rank.get(t, len(rank))):
+def _tree(objects: dict[str, Any]) -> nn.Module:
+    """A module holding each object under its qualified name."""
+    root = nn.Module()
+    for target, obj in objects.items():
         *path, name = target.split(".")
         parent = root
         for part in path:
             if not hasattr(parent, part):
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
-        obj = objects[target]
         if isinstance(obj, nn.Module):
             parent.add_module(name, obj)
         elif isinstance(obj, nn.Parameter):
             parent.register_parameter(name, obj)
         else:
             parent.register_buffer(name, obj)
+    return root
 
 
-def assemble(trunk: fx.GraphModule, tail: fx.GraphModule, *, class_name: str,
-             order: tuple[str, ...]) -> fx.GraphModule:
-    """The plain network: trunk then tail, returning the logits, under the original module names
-    and in the original network's state-dict order."""
+def assemble(trunk: fx.GraphModule, tail: fx.GraphModule, *, class_name: str) -> fx.GraphModule:
+    """The plain network: trunk then tail, returning the logits, under the original module names."""
     graph = fx.Graph()
     h = graph.graph_copy(trunk.graph, {_input(trunk.graph): graph.placeholder("x")})
     logits, _ = graph.graph_copy(tail.graph, {_input(tail.graph): h})
     graph.output(logits)
-    # registered before the graph is set, as GraphModule would register them in the graph's order
-    net = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
-    _register(net, {**_owned(trunk), **_owned(tail)}, order)
-    net.graph = graph
-    return net
+    # given a module, GraphModule registers in the order of the calls, so the state dict lists the
+    # layers as the network usually does; given a dict it sorts by depth (RegNet: fc before trunk_output)
+    return fx.GraphModule(_tree({**_owned(trunk), **_owned(tail)}), graph, class_name=class_name)
 
 
 # ----------------------------------------------------------------------------- where to split
@@ -529,7 +516,7 @@ class Adapter:
             return split_network(self.network(num_classes, in_channels, self.image_size), split, self.label).tail
 
         return Backbone(parts.trunk, _Tails(parts.tail, fresh_tail), feature_dim, trunk_channels,
-                        partial(assemble, class_name=type(net).__name__, order=layout(net)))
+                        partial(assemble, class_name=type(net).__name__))
 
     def _probe(self, parts: Parts, split: str, num_classes: int, in_channels: int) -> tuple[int, int]:
         """(trunk width after pool_trunk, feature width), checking the network gives [B, C] logits."""
