@@ -359,6 +359,8 @@ class Session:
     def kept(self) -> str:
         if self.finished:
             return f"the state after epoch {self.finished} is kept in {self.folder.last}"
+        if self.folder.last.is_file():  # stopped between writing the checkpoint and counting it
+            return f"the last finished epoch is kept in {self.folder.last}"
         return "no epoch had finished, so there is no checkpoint"
 
     def note(self, level: int, message: str) -> None:
@@ -478,7 +480,7 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
     except (KeyboardInterrupt, Terminated) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated by SIGTERM"
         session.note(logging.WARNING, f"{what}; {session.kept()}")
-        if session.finished or resume is not None:
+        if folder.last.is_file():
             e.run_folder = folder.root  # for the command line's "continue with" hint
         raise
     except DkelError as e:
@@ -628,9 +630,9 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
                      "config": to_dict(cfg), "world_size": rt.world, "setup": dataclasses.asdict(method.setup),
                      "data": data_info(data), "reference_loss": reference}
             files.save_torch(state, folder.last)
+            session.finished = epoch + 1
             if improved:
                 files.save_torch(state, folder.best)
-            session.finished = epoch + 1
             write_metrics(folder.metrics, history)
             if tb:
                 for k, v in row.items():

@@ -48,6 +48,21 @@ def guarded(path: Path | str, what: str = "write") -> Iterator[None]:
         yield
     except OSError as e:
         raise storage_error(path, e, what) from None
+    except Exception as e:  # a writer that wraps the OSError (torch.save raises RuntimeError on a full disk)
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise storage_error(path, cause, what) from None
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def make_dir(path: Path) -> Path:
@@ -72,14 +87,19 @@ def replacing(path: Path) -> Iterator[Path]:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             yield Path(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            commit(Path(tmp), path)
             tmp = None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Make the finished temporary file durable, then put it in place in one rename."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
