@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
@@ -63,13 +64,24 @@ class TrainConfig:
     threads: Optional[int] = None  # CPU threads (default: torch's choice)
     eval_batch_size: int = 1000
     sync_bn: bool = False  # SyncBatchNorm in the trained modules under DDP
-    collapse_check: bool = True
+    collapse_check: bool = True  # stop when logits collapse to zero at chance accuracy
+    # stop when every step of an epoch has a loss above divergence_factor x the run's first loss
+    divergence_check: bool = True
+    divergence_factor: float = 10.0
     # output
     out: Optional[str] = None  # exact run folder; default runs/<dataset>/<method>-<model>/<name>-seed<k>
     runs_dir: str = "runs"
     name: Optional[str] = None  # default: the method's mode, else "default"
     tensorboard: bool = False
     progress: str = "auto"  # auto | bar | lines | none
+
+
+# keys that `--resume` may change (recorded in the run's sessions.jsonl); every other key defines the
+# run, and a resume that changes one is refused
+RESUMABLE_KEYS = frozenset({
+    "epochs", "device", "precision", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size",
+    "progress", "tensorboard", "data_dir", "download", "cache_dir", "collapse_check", "divergence_check",
+    "divergence_factor"})
 
 
 @dataclass
@@ -173,12 +185,20 @@ def validate(cfg: Any) -> Any:
     need(cfg.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {cfg.progress!r}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"train_subset must be >= 1, got {cfg.train_subset}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.divergence_factor > 1, f"divergence_factor must be > 1, got {cfg.divergence_factor}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale
     need(ts == "auto" or (isinstance(ts, (int, float)) and ts > 0),
          f"time_scale must be 'auto' or a positive number, got {ts!r}")
     return cfg
+
+
+def model_slug(model: Any) -> str:
+    """The `model` key as a file name: torchvision:resnet18 -> torchvision-resnet18, a list joined by '+'."""
+    names = model if isinstance(model, (list, tuple)) else [model]
+    return "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", n if isinstance(n, str) else getattr(n, "__name__", "model"))
+                    for n in names)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

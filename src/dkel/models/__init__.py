@@ -8,7 +8,6 @@ A deployed network built from a string carries it as `dkel_model`, what `create`
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
@@ -102,12 +101,6 @@ def check_spec(model: Any, split: Optional[str] = None) -> None:
         resolve(spec, split if not isinstance(model, (list, tuple)) else "")
 
 
-def spec_slug(model: Any) -> str:
-    """A file-name-safe name for run folders: torchvision:resnet18 -> torchvision-resnet18, a list joined by '+'."""
-    return "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", s if isinstance(s, str) else getattr(s, "__name__", "model"))
-                    for s in specs(model))
-
-
 def _build(factory: BackboneFactory, num_classes: int, in_channels: int) -> Backbone:
     if num_classes < 1 or in_channels < 1:
         raise ConfigError(f"model needs num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}")
@@ -155,4 +148,4 @@ def _check_peers(peers: int) -> None:
 
 __all__ = ["MODELS", "Backbone", "BackboneFactory", "Branched", "Cohort", "PeerOutputs", "SingleNet", "Tail",
            "backbone", "check_spec", "create", "create_branched", "create_cohort", "pool_trunk", "resolve",
-           "spec_slug", "specs"]
+           "specs"]

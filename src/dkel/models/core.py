@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import scale_grad
 
 
@@ -86,6 +87,13 @@ def views_of(x: Tensor, views: int) -> list[Tensor]:
     return list(x.unbind(0))
 
 
+def peer_index(peer: int, peers: int) -> int:
+    """0-based index of the 1-based peer number `peer`, with a clear error when out of range."""
+    if isinstance(peer, bool) or not isinstance(peer, int) or not 1 <= peer <= peers:
+        raise ConfigError(f"peer must be an integer in 1..{peers} (peers are numbered from 1), got {peer!r}")
+    return peer - 1
+
+
 class Branched(nn.Module):
     """One trunk, tails with independent weights, optional peer-ensemble head.
 
@@ -127,9 +135,9 @@ class Branched(nn.Module):
         clone.head = None
         return clone
 
-    def deploy(self, peer: int = 0) -> nn.Module:
-        """A plain network whose outputs equal peer `peer`'s."""
-        return self.assemble(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer]))
+    def deploy(self, peer: int = 1) -> nn.Module:
+        """A plain network whose outputs equal peer `peer`'s (1-based, like every peer number a user sees)."""
+        return self.assemble(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer_index(peer, self.peers)]))
 
 
 class Cohort(nn.Module):
@@ -152,6 +160,7 @@ class Cohort(nn.Module):
         features = torch.stack([o[1] for o in outs]) if len(widths) == 1 else None
         return PeerOutputs(logits, features, None, None)
 
-    def deploy(self, peer: int = 0) -> nn.Module:
-        net = self.nets[peer]
-        return self.assemble[peer](copy.deepcopy(net.trunk), copy.deepcopy(net.tail))
+    def deploy(self, peer: int = 1) -> nn.Module:
+        """Peer `peer` (1-based) as a plain network."""
+        i = peer_index(peer, self.peers)
+        return self.assemble[i](copy.deepcopy(self.nets[i].trunk), copy.deepcopy(self.nets[i].tail))
