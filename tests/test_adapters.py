@@ -57,6 +57,10 @@ def tiny_vit(num_classes, image_size=224):
                                  num_classes=num_classes)
 
 
+def tiny_swin(num_classes):  # a transformer stack per stage, channels last: no automatic split
+    return tvm.SwinTransformer([4, 4], 8, [2, 2], [1, 1], [2, 2], num_classes=num_classes)
+
+
 def tiny_timm_convnext(num_classes):
     return timm.create_model("convnext_atto", num_classes=num_classes, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 
@@ -168,8 +172,8 @@ def test_deployed_resnet18_of_a_branched_model_loads_into_torchvision_resnet18()
 
 
 def test_explicit_split_for_any_sequential_enough_network():
-    def plain(num_classes):  # no stride anywhere: nothing says where a last stage starts
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    def plain(num_classes):  # only the stem has a stride: nothing says where a last stage starts
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
     with pytest.raises(ConfigError, match=r"cannot tell where the last stage of .*plain starts; pass split=NAME, "
@@ -180,6 +184,17 @@ def test_explicit_split_for_any_sequential_enough_network():
     assert first_module(b.make_tail()) == "2"
     deeper = models.backbone("torchvision:resnet18", CLASSES, split="layer3.1")
     assert first_module(deeper.make_tail()) == "layer3.1" and deeper.trunk_channels == 256
+
+
+def test_the_pooled_feature_is_the_classifier_input_before_dropout():
+    def with_dropout(num_classes):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, num_classes))
+
+    net = models.create_branched(with_dropout, CLASSES, peers=1, ensemble_head=False, split="2").train()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    assert torch.equal(net(x).features, net(x).features)  # training-mode dropout acts after the feature
+    assert not torch.equal(net(x).logits, net(x).logits)
 
 
 def test_the_whole_network_is_the_tail_of_a_cohort_member():
@@ -237,7 +252,8 @@ def test_imported_module_attribute(tmp_path, monkeypatch):
      r"bn1, relu, maxpool, layer1, layer1.1, layer2, layer2.1, layer3, layer3.1, layer4, layer4.1, avgpool$"),
     (lambda: models.backbone("torchvision:resnet18", CLASSES, split="layer4.0.conv2"),
      r"^cannot split torchvision:resnet18 at 'layer4.0.conv2': the layers from there on use more than one value"),
-    (lambda: models.backbone("torchvision:googlenet", CLASSES),
+    (lambda: models.backbone(tiny_swin, CLASSES, image_size=SIZE), r"^cannot tell where the last stage of tiny_swin"),
+    (lambda: models.backbone("torchvision:googlenet", CLASSES, split="inception5a"),
      r"forward takes another path in training than in evaluation"),
     (lambda: models.backbone("torchvision:squeezenet1_0", CLASSES, split=""), r"does not end in an nn.Linear"),
     (lambda: models.resolve("torchvision:resnet19"),

@@ -394,13 +394,12 @@ def auto_split(net: nn.Module, label: str, in_channels: int, image_size: Optiona
 
 
 def _block_stack(net: nn.Module) -> Optional[tuple[str, list[str]]]:
-    """The first Sequential/ModuleList (at most two levels down) whose children all hold attention."""
-    for name, m in net.named_modules():
-        if name.count(".") <= 1 and isinstance(m, CONTAINERS) and len(m) >= 2:
-            children = list(m.named_children())
-            if all(_has_attention(c) for _, c in children):
-                return name, [n for n, _ in children]
-    return None
+    """The Sequential/ModuleList (at most two levels down) whose children all hold attention, if the
+    network has one such stack (ViT); hierarchical transformers (Swin) have one per stage."""
+    stacks = [(name, [n for n, _ in m.named_children()]) for name, m in net.named_modules()
+              if name.count(".") <= 1 and isinstance(m, CONTAINERS) and len(m) >= 2
+              and all(_has_attention(c) for c in m.children())]
+    return stacks[0] if len(stacks) == 1 else None
 
 
 def _has_attention(m: nn.Module) -> bool:
@@ -408,9 +407,11 @@ def _has_attention(m: nn.Module) -> bool:
 
 
 def _last_downsampling(net: nn.Module, label: str, in_channels: int, image_size: Optional[int]) -> Optional[str]:
-    watched = [name for name, child in net.named_children()]
-    watched += [f"{name}.{sub}" for name, child in net.named_children() if isinstance(child, CONTAINERS)
-                for sub, _ in child.named_children()]
+    # the network's children, a container's children in its place
+    watched = []
+    for name, child in net.named_children():
+        inner = [f"{name}.{sub}" for sub, _ in child.named_children()] if isinstance(child, CONTAINERS) else []
+        watched += inner or [name]
     started: list[str] = []
     shrinking: set[str] = set()
 
@@ -443,7 +444,8 @@ def _last_downsampling(net: nn.Module, label: str, in_channels: int, image_size:
     if error is not None:
         raise ConfigError(f"{label} fails on a probe batch ({first_line(error)}); {_choices(net, label)}")
     last = [n for n in started if n in shrinking]
-    if not last:
+    # a split at the first module would leave no trunk to share (AlexNet's only stride is its stem)
+    if not last or _stage_name(net, last[-1]) == _stage_name(net, started[0]):
         return None
     return _stage_name(net, last[-1])
 
