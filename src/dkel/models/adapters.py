@@ -10,12 +10,14 @@ Both keep the original module names: trunk + tail assemble into one plain networ
 state dict is the original network's (`layer4.0.conv1.weight`, `fc.weight`, ...).
 
 Where the last stage starts when no split is given:
-- a stack of transformer blocks (ViT, DeiT): its last quarter, as ResNet's last stage holds
-  about a quarter of its blocks;
+- the network's one stack of transformer blocks (ViT, DeiT): its last quarter, as ResNet's
+  last stage holds about a quarter of its blocks;
 - otherwise the last module with weights that shrinks the feature map, among the network's
-  children and the children of its Sequential children, on one probe batch: layer4
-  (ResNet, ResNeXt, WRN), features.N (MobileNet, EfficientNet, ConvNeXt), trunk_output.block4
-  or s4 (RegNet), blocks.N or stages.N (timm).
+  children (a Sequential child's children in its place), on one probe batch: layer4 (ResNet,
+  ResNeXt, WRN), features.N (MobileNet, EfficientNet, ConvNeXt), trunk_output.block4 or s4
+  (RegNet), blocks.N or stages.N (timm);
+- neither, or only the first module (VGG, AlexNet, Swin): the error lists where it can be cut.
+Trunk outputs are taken as [B, C, H, W] maps or [B, N, D] tokens (pool_trunk).
 """
 from __future__ import annotations
 
