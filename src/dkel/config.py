@@ -22,6 +22,9 @@ from .errors import ConfigError
 SCHEDULES = ("cosine", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
+DATA_BACKENDS = ("auto", "resident", "stream")
+RECIPES = ("auto", "cifar", "imagenet")
+ON_BAD_IMAGE = ("error", "skip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -36,6 +39,12 @@ class TrainConfig:
     image_size: Optional[int] = None  # resize image files to this square size
     train_subset: Optional[int] = None  # class-balanced subset of the training split
     cache_dir: Optional[str] = None  # decoded-dataset cache (default ~/.cache/dkel)
+    # resident: decoded data on the device; stream: read by loader workers as training goes;
+    # auto: resident when the decoded data fits comfortably (the choice is logged and recorded)
+    data_backend: str = "auto"
+    recipe: str = "auto"  # augmentation: auto (the dataset's) | cifar | imagenet
+    num_workers: Optional[int] = None  # stream loader processes per training process (default: from the CPUs)
+    on_bad_image: str = "error"  # error | skip (skipped images are logged and listed in results.json)
     peers: int = 3
     # recipe (SPEC section 6)
     epochs: int = 30
@@ -166,6 +175,12 @@ def validate(cfg: Any) -> Any:
     need(cfg.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {cfg.progress!r}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"train_subset must be >= 1, got {cfg.train_subset}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.data_backend in DATA_BACKENDS,
+         f"data_backend must be one of {', '.join(DATA_BACKENDS)}, got {cfg.data_backend!r}")
+    need(cfg.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    need(cfg.on_bad_image in ON_BAD_IMAGE,
+         f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
+    need(cfg.num_workers is None or cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale

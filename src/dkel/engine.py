@@ -30,7 +30,8 @@ from torch import nn
 
 from . import __version__, runtime
 from .config import TimeScale, to_dict
-from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
+from .data import atomic_save
+from .data.backend import DataBackend, open_backend
 from .errors import DkelError, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import MODELS
@@ -68,13 +69,12 @@ class RunFolder:
 # ----------------------------------------------------------------------------- building
 @dataclass
 class Built:
-    data: ImageData
-    loader: ViewLoader
+    data: DataBackend
     method: Method
 
 
-def build(cfg: Any, rt: runtime.Runtime) -> Built:
-    """Data on the device, its loader, and the method's modules."""
+def build(cfg: Any, rt: runtime.Runtime, datasets: Optional[tuple[Any, Any]] = None) -> Built:
+    """The data backend (over `cfg.dataset`, or a user's (train, test) Dataset pair) and the method's modules."""
     cls = METHODS.get(cfg.method)
     MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
     if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
@@ -82,32 +82,32 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     if cfg.peers < cls.min_peers:
         raise DkelError(f"method {cfg.method} needs peers >= {cls.min_peers}, got {cfg.peers}")
     cls.check(cfg)
-    if rt.main:  # rank 0 decodes and caches first; the others then read the cache
-        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
-    rt.barrier()
-    if not rt.main:
-        data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
-                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
     if cfg.batch_size % rt.world:
         raise DkelError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world} processes")
-    data.to(rt.device)
-    loader = ViewLoader(data.train_images, data.train_labels, batch_size=cfg.batch_size,
-                        views=1 if cls.shared_view else cfg.peers, pad=data.pad, flip=data.flip,
-                        mean=data.mean, std=data.std, seed=cfg.seed, rank=rt.rank, world=rt.world,
-                        channels_last=rt.channels_last)
-    if len(loader) == 0:
-        raise DkelError(f"{len(data.train_labels)} training images make no batch of at least 2 per process")
-    spec = data.spec
+    views = 1 if cls.shared_view else cfg.peers
+
+    def open_data(download: bool) -> DataBackend:
+        return open_backend(cfg, views=views, device=rt.device, rank=rt.rank, world=rt.world,
+                            channels_last=rt.channels_last, download=download, datasets=datasets)
+
+    if rt.main:  # rank 0 decodes and caches first (and picks the backend); the others then follow
+        data = open_data(cfg.download)
+    # every process takes rank 0's backend, and config.yaml records it: a resume elsewhere makes the same
+    cfg.data_backend = rank0_decides(data.kind if rt.main else None, rt)
+    if not rt.main:
+        data = open_data(False)
+    if data.steps() == 0:
+        raise DkelError(f"{data.train_size} training images make no batch of at least 2 per process")
+    if data.test_size < rt.world:
+        raise DkelError(f"{data.test_size} test images cannot be shared by {rt.world} processes")
     # counted as one process would, so the time constants do not depend on the number of processes
-    steps_per_epoch = len(loader.unsharded())
-    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, spec.paper_epochs,
-                                   spec.paper_steps_per_epoch)
+    steps_per_epoch = data.steps(world=1)
+    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, *data.paper_schedule)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
-    return Built(data, loader, method)
+    return Built(data, method)
 
 
 def lr_at(cfg: Any, epoch: float) -> float:
@@ -216,21 +216,23 @@ class EpochMeter:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(method: Method, data: ImageData, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
+def evaluate(method: Method, data: DataBackend, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
     """Top-1 accuracy of every reported output, exact across processes, plus group means/maxima."""
     was_training = method.training
     method.eval()
     correct: Optional[torch.Tensor] = None
+    seen = 0
     names: list[str] = []
-    for x, y in eval_batches(data.test_images, data.test_labels, batch_size=batch_size, mean=data.mean,
-                             std=data.std, rank=rt.rank, world=rt.world, channels_last=rt.channels_last):
+    for x, y in data.eval_batches(batch_size):
         with rt.autocast():
             outs = method.eval_logits(x)
         names = list(outs)
         hits = torch.stack([(logits.argmax(-1) == y).sum() for logits in outs.values()])
         correct = hits if correct is None else correct + hits
-    counts = torch.cat([correct.double(), torch.tensor([0.0], device=correct.device, dtype=torch.float64)])
-    counts[-1] = len(range(rt.rank, len(data.test_labels), rt.world))
+        seen += len(y)
+    if correct is None:
+        raise DkelError(f"process {rt.rank} has no readable test image to evaluate")
+    counts = torch.cat([correct.double(), torch.tensor([float(seen)], device=correct.device, dtype=torch.float64)])
     if rt.distributed:
         dist.all_reduce(counts)
     acc = dict(zip(names, (counts[:-1] / counts[-1]).tolist()))
@@ -268,7 +270,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def data_info(data: ImageData) -> dict[str, Any]:
+def data_info(data: DataBackend) -> dict[str, Any]:
     """What a deployed network needs to know about its inputs."""
     return {"dataset": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
             "in_channels": data.in_channels, "image_size": data.image_size}
@@ -298,9 +300,11 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
 
 def evaluate_run(run_dir: Path, which: str = "last", device: str = "auto") -> tuple[dict[str, float], str]:
     cfg, method, _, rt = restore(run_dir, which, device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
-    data.to(rt.device)
-    return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
+    data = open_backend(cfg, views=1, device=rt.device, channels_last=rt.channels_last)
+    try:
+        return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
+    finally:
+        data.close()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -367,7 +371,7 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
     """Train `cfg` to the end (or continue the run folder `resume`); returns results.json's content."""
     rt = runtime.setup(cfg.device, cfg.precision, cfg.channels_last, cfg.threads)
     built = build(cfg, rt)
-    data, loader, method = built.data, built.loader, built.method
+    data, method = built.data, built.method
     folder = RunFolder(resume) if resume else RunFolder.for_config(cfg, method.run_tag())
     ckpt = load_checkpoint(folder.last) if resume and folder.last.is_file() else None
     if not resume and folder.root.exists() and any(folder.root.iterdir()):
@@ -389,14 +393,15 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
         else:
             folder.env.write_text(json.dumps(env, indent=2))
     try:
-        return _train(cfg, rt, data, loader, method, folder, ckpt)
+        return _train(cfg, rt, data, method, folder, ckpt)
     finally:
+        data.close()
         if handler:
             log.removeHandler(handler)
             handler.close()
 
 
-def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
+def _train(cfg, rt, data, method, folder, ckpt) -> dict[str, Any]:
     stepper = Stepper(cfg, method, rt)
     history: list[dict[str, Any]] = []
     best = {"acc": -1.0, "epoch": None}
@@ -409,7 +414,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
     else:
         # every process prepares on the same full batches, so all end up identical
-        method.prepare(loader.unsharded().stream(-1))
+        method.prepare(data.prepare_batches())
         if rt.distributed:
             for tensor in method.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -424,17 +429,17 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
     consts = method.time_constants()
     if rt.main:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",
-                 folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, len(data.train_labels),
-                 len(data.test_labels), len(loader), f" | time constants {consts}" if consts else "")
+                 folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, data.train_size,
+                 data.test_size, data.steps(), f" | time constants {consts}" if consts else "")
     tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
     for epoch in range(start_epoch, cfg.epochs):
         method.train()
-        loader.set_epoch(epoch)
-        progress = Progress(cfg.progress if rt.main else "none", len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        steps = data.steps()
+        progress = Progress(cfg.progress if rt.main else "none", steps, f"epoch {epoch + 1}/{cfg.epochs}")
         meter = EpochMeter(rt.device)
         t0 = time.perf_counter()
-        for views, labels in loader:
-            meter.add(stepper(views, labels, epoch, meter.steps / len(loader)), labels)
+        for views, labels in data.train_batches(epoch):
+            meter.add(stepper(views, labels, epoch, meter.steps / steps), labels)
             progress.advance()
             if progress.due():  # only rank 0 shows progress, so only a single process checks here
                 if not rt.distributed:
@@ -452,7 +457,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         row.update({f"test_{k}": v for k, v in acc.items()})
         row["deploy_acc"] = acc[method.deploy_metric]
         row["epoch_time_s"] = train_time
-        row["img_per_s"] = len(loader.labels) / train_time
+        row["img_per_s"] = data.train_size / train_time
         history.append(row)
         improved = row["deploy_acc"] > best["acc"]
         if improved:
@@ -477,6 +482,9 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         if collapse:
             raise TrainingStopped(f"{collapse} at epoch {epoch + 1}; stopped, state kept in {folder.last}")
     results = summarize(cfg, method, history, best, rt)
+    if data.skipped:
+        results["skipped_images"] = list(data.skipped)
+        log.warning("%d unreadable images were skipped: %s", len(data.skipped), ", ".join(data.skipped[:5]))
     if rt.distributed:
         results["ranks_identical"] = ranks_identical(method, rt.world)
         if not results["ranks_identical"]:
