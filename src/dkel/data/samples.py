@@ -76,7 +76,7 @@ class DatasetSamples:
         except DkelError:
             raise
         except Exception as e:  # the user's own loading code failed on this item
-            raise BadImage(f"{where}: {type(e).__name__}: {e}") from None
+            raise BadImage(where, f"{type(e).__name__}: {e}") from None
         image, label = split_item(item, where)
         return to_uint8_chw(image, where), label
 
@@ -152,19 +152,18 @@ class TarSamples:
     def __len__(self) -> int:
         return len(self.label_array)
 
-    def __getstate__(self):  # open files stay with the process that opened them
+    def __getstate__(self):  # open file descriptors stay with the process that opened them
         return {**self.__dict__, "_open": {}}
 
     def load(self, i: int) -> tuple[Tensor, int]:
         sid = int(self.shard_id[i])
-        f = self._open.get(sid)
         try:
-            if f is None:
-                f = self._open[sid] = open(self.shards[sid], "rb")
-            f.seek(int(self.offset[i]))
-            data = f.read(int(self.size[i]))
+            fd = self._open.get(sid)
+            if fd is None:
+                fd = self._open[sid] = os.open(self.shards[sid], os.O_RDONLY)
+            data = os.pread(fd, int(self.size[i]), int(self.offset[i]))  # no shared file position: thread-safe
         except OSError as e:
-            raise BadImage(f"{self.name(i)}: {e}") from None
+            raise BadImage(self.name(i), e.strerror or str(e)) from None
         return decode_image_bytes(data, self.name(i)), int(self.label_array[i])
 
     def name(self, i: int) -> str:

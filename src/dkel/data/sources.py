@@ -167,7 +167,11 @@ def load_fashion(root: Path) -> Splits:
 
 # ----------------------------------------------------------------------------- image files
 class BadImage(Exception):
-    """An image file that cannot be read or decoded (the message names it)."""
+    """An image that cannot be read or decoded: `name` says which, the message also why."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
 
 
 class PathList:
@@ -252,8 +256,10 @@ def decode_image_bytes(data: bytes | Tensor, name: str) -> Tensor:
     try:
         with Image.open(io.BytesIO(raw.numpy().tobytes())) as img:
             array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage(name, "not an image in a format PIL or torchvision can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(name, str(e)) from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -261,9 +267,9 @@ def decode_file(path: Path) -> Tensor:
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        raise BadImage(f"{path}: {e.strerror or e}") from None
+        raise BadImage(str(path), e.strerror or str(e)) from None
     if raw.size == 0:
-        raise BadImage(f"{path}: empty file")
+        raise BadImage(str(path), "empty file")
     return decode_image_bytes(torch.from_numpy(raw), str(path))
 
 

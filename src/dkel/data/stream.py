@@ -44,7 +44,7 @@ class ViewItems:
         try:
             image, label = samples.load(index)
         except BadImage as e:
-            return None, -1, str(e), None
+            return None, -1, (e.name, str(e)), None
         except DkelError as e:  # a user's Dataset yields something no recipe can use
             return None, -1, None, str(e)
         if image.shape[0] != self.channels:
@@ -63,7 +63,7 @@ class ViewItems:
 
 
 class Collate:
-    """Items -> (uint8 views [K, b, C, H, W], labels [b], skipped names, fatal messages)."""
+    """Items -> (uint8 views [K, b, C, H, W], labels [b], unreadable (name, message), fatal messages)."""
 
     def __init__(self, channels_last: bool):
         self.channels_last = channels_last
@@ -148,13 +148,13 @@ class StreamBackend(DataBackend):
     def _note(self, bad: list[str], fatal: list[str]) -> None:
         if fatal:
             raise DataError(fatal[0])
-        for name in bad:
+        for name, message in bad:
             if self.on_bad == "error":
-                raise DataError(f"cannot read image {name} (on_bad_image=skip skips such files)")
+                raise DataError(f"cannot read image {message} (on_bad_image=skip skips such files)")
             if name not in self._skipped:
                 self._skipped[name] = None
-                self.skipped.append(name)
-                log.warning("skipping unreadable image %s (%d skipped so far)", name, len(self.skipped))
+                self.skipped.append(message)
+                log.warning("skipping unreadable image %s (%d skipped so far)", message, len(self.skipped))
 
     def _pass(self, make: Callable[[], Iterator[list]], normalize: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of one pass through the loader, copied to the device one batch ahead."""
