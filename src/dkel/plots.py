@@ -7,6 +7,8 @@ from typing import Any
 
 import matplotlib
 
+from . import files
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -29,5 +31,4 @@ def plot_run(history: list[dict[str, Any]], method, path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
     ax_loss.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .losses import decay_weight, dkel_weights, sigmoid_rampup
 
 
@@ -42,6 +43,4 @@ def plot_schedules(path: Path, epochs: int = 300, beta: float = 0.5, horizon: fl
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, Path(path), dpi=110)

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from .. import files
+from ..errors import DataError, StorageError
 from ..registry import Registry
 from . import sources
 from .cache import Skipped, in_memory, read_cache, write_cache, write_rows
@@ -193,19 +193,13 @@ def tree_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def content_fingerprint(splits: Splits) -> str:
+    """Identifies the decoded data itself: every image, label and class name."""
+    h = hashlib.sha1("\0".join(splits.classes).encode())
+    for tensor in (splits.train_labels, splits.test_labels, splits.train_images, splits.test_images):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
 
 
 def cache_folder(name: str, root: Path, size: Optional[int], cache_dir: Optional[str]) -> Path:
@@ -399,5 +393,5 @@ def resident_data(name: str, spec: DatasetSpec, root: Optional[Path], source: So
                      tuple(mean), tuple(std), rec.pad, spec.flip, spec, rec, fingerprint, skipped)
 
 
-__all__ = ["DATASETS", "DatasetSpec", "ImageData", "Source", "Splits", "ViewLoader", "atomic_save", "crop_flip",
+__all__ = ["DATASETS", "DatasetSpec", "ImageData", "Source", "Splits", "ViewLoader", "crop_flip",
            "eval_batches", "load_dataset", "open_source"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import pickle
 import warnings
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
+log = logging.getLogger("dkel")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -30,6 +32,9 @@ class Splits:
 
     def check(self, source: str) -> "Splits":
         """Structural sanity of decoded data (also used to reject a damaged cache)."""
+        if len(self.classes) < 2:
+            raise DataError(f"{source}: found {len(self.classes)} class ({', '.join(self.classes)}); a classifier "
+                            "needs at least two")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if len(images) == 0:
@@ -290,12 +295,15 @@ def _walk(folder: Path) -> list[str]:
 
 
 def class_folders(split_dir: Path) -> dict[str, list[str]]:
-    """{class: image paths relative to split_dir} for an ImageFolder split (`<split>/<class>/**/<image>`)."""
+    """{class: image paths relative to split_dir} for an ImageFolder split (`<split>/<class>/**/<image>`);
+    a class folder without images is left out, with a warning naming it."""
     out = {}
     for d in sorted(p.name for p in split_dir.iterdir() if p.is_dir()):
         images = _walk(split_dir / d)
         if images:
             out[d] = [f"{d}/{p}" for p in images]
+        else:
+            log.warning("class folder %s holds no images; class %r is left out", split_dir / d, d)
     if not out:
         raise DataError(f"{split_dir} has no class folders with images")
     return out
