@@ -42,7 +42,7 @@ def test_imagenet_resnet_parameter_counts(name):
     import torchvision
 
     net = models.create_branched(name, 1000, peers=3, ensemble_head=True)
-    got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(0)))
+    got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(1)))
     assert got == IMAGENET_COUNTS[name]
     reference = getattr(torchvision.models, name.split("_")[0])(num_classes=1000)
     assert count(models.create(name, 1000)) == count(reference)

@@ -119,7 +119,7 @@ def test_stream_and_resident_make_the_same_imagenet_crops(tmp_path):
     stream = make(root, image_size=16, views=2)
     resident = make(root, image_size=16, views=2, data_backend="resident")
     assert resident.kind == "resident" and stream.kind == "stream"
-    assert stream.fingerprint == resident.fingerprint and stream.classes == resident.classes
+    assert stream.classes == resident.classes
     for (xs, ys), (xr, yr) in zip(stream.train_batches(2), resident.train_batches(2)):
         assert torch.equal(ys, yr)
         assert (xs - xr).abs().mean() < 0.05  # interpolation differs slightly; a wrong box or flip does not
@@ -251,7 +251,6 @@ def test_webdataset_shards_on_both_backends(tmp_path):
     stream = make(root, dataset="webdataset", batch_size=4)
     resident = make(root, dataset="webdataset", batch_size=4, data_backend="resident")
     assert stream.classes == list(CLASSES) and stream.train_size == 12 and stream.test_size == 6
-    assert stream.fingerprint == resident.fingerprint
     for (xs, ys), (xr, yr) in zip(stream.train_batches(0), resident.train_batches(0)):
         assert torch.equal(ys, yr)
     for x, y in stream.eval_batches(6):  # the label travels with its image
@@ -287,7 +286,7 @@ def test_user_datasets_on_both_backends(tmp_path):
     stream = open_backend(cfg, views=2, device=torch.device("cpu"), datasets=pair)
     cfg.data_backend = "resident"
     resident = open_backend(cfg, views=2, device=torch.device("cpu"), datasets=pair)
-    assert stream.classes == resident.classes == list(CLASSES) and stream.fingerprint == resident.fingerprint
+    assert stream.classes == resident.classes == list(CLASSES)
     for (xs, ys), (xr, yr) in zip(stream.train_batches(0), resident.train_batches(0)):
         assert torch.equal(ys, yr) and (xs - xr).abs().mean() < 0.05
     assert sum(len(y) for _, y in stream.eval_batches(4)) == 6

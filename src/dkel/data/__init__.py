@@ -230,32 +230,42 @@ def decoded(name: str, spec: DatasetSpec, source: Source, root: Optional[Path], 
     cache when the dataset has a folder (rebuilt whenever its files change)."""
     fit = recipe.fit if recipe.size is not None else None
     if source.splits is not None and (fit is None or source.splits.train_images.shape[-2:] == (recipe.stored_size,) * 2):
-        return source.splits, source.fingerprint, []
+        return source.splits, content_fingerprint(source.splits), []
     skipped = Skipped()
     if root is None:  # a user's Dataset: decoded into memory, nothing to key a cache by
         arrays = {}
         for split in ("train", "test"):
             images, labels = fill_from(source, fit, on_bad, skipped)(split, in_memory)
             arrays[f"{split}_images"], arrays[f"{split}_labels"] = torch.from_numpy(images), torch.from_numpy(labels)
-        return Splits(**arrays, classes=source.classes).check(name), source.fingerprint, list(skipped)
+        splits = Splits(**arrays, classes=source.classes).check(name)
+        return splits, content_fingerprint(splits), list(skipped)
     path = cache_folder(name, root, recipe.stored_size if fit else None, cache_dir)
     stamp = tree_fingerprint(root)
     cached = read_cache(path, stamp)
     if cached is None:
         log.info("decoding %s from %s (once; cached in %s)", name, root, path)
         try:
-            write_cache(path, stamp, source.classes, source.fingerprint, fill_from(source, fit, on_bad, skipped),
-                        skipped)
+            write_cache(path, stamp, source.classes, "", fill_from(source, fit, on_bad, skipped), skipped)
+            cached = read_cache(path, stamp)
         except OSError as e:
-            raise DataError(f"cannot write the dataset cache {path} ({e}); set cache_dir= to a writable folder") from None
-        cached = read_cache(path, stamp)
+            log.warning("%s; continuing without a dataset cache", files.storage_error(path, e))
         if cached is None:
-            raise DataError(f"the dataset cache {path} was written but cannot be read back")
+            skipped.clear()
+            return decoded(name, spec, source, None, recipe, cache_dir, on_bad)
     splits, meta = cached
     if meta["skipped"] and on_bad == "error":
         raise DataError(f"cannot read image {meta['skipped'][0]} (on_bad_image=skip skips such files; "
                         f"{len(meta['skipped'])} were skipped when the cache was built)")
-    return splits, meta["fingerprint"], meta["skipped"]
+    return splits, content_fingerprint(splits), meta["skipped"]
+
+
+def content_fingerprint(splits: Splits) -> str:
+    """Identifies the decoded data itself: every image, label and class name."""
+    h = hashlib.sha1("\0".join(splits.classes).encode())
+    for tensor in (splits.train_labels, splits.test_labels, splits.train_images, splits.test_images):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -317,7 +327,11 @@ def open_source(name: str, data_dir: Optional[str] = None, *, download: bool = F
         return DatasetSpec(lambda root: None, None, None, pad=-1, flip=True, needs_dir=False), None, \
             user_source(train, test, datasets)
     spec, root = locate(name, data_dir, download)
-    return spec, root, Source.of(spec.read(root if root is not None else Path(".")))
+    source = Source.of(spec.read(root if root is not None else Path(".")))
+    if len(source.classes) < 2:
+        raise DataError(f"{root or name}: found {len(source.classes)} class ({', '.join(source.classes)}); "
+                        "a classifier needs at least two")
+    return spec, root, source
 
 
 def user_source(train: DatasetSamples, test: DatasetSamples, datasets: tuple[Any, Any]) -> Source:

@@ -65,11 +65,6 @@ class DataBackend:
         """This process's share of the test split: samples rank, rank + world, ... (never padded)."""
         raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]:
-        """What a run records about its data."""
-        return {"backend": self.kind, "dataset": self.name, "classes": self.classes, "fingerprint": self.fingerprint,
-                "recipe": self.recipe.name, "train_images": self.train_size, "test_images": self.test_size}
-
     def close(self) -> None:
         """Release worker processes, if any."""
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import files
 from ..errors import DataError
 from .sources import BadImage, Splits
 
@@ -130,7 +131,8 @@ def write_cache(path: Path, stamp: str, classes: list[str], fingerprint: str,
             labels.tofile(tmp / f"{split}_labels.i64")
         meta = {"format": CACHE_FORMAT, "stamp": stamp, "fingerprint": fingerprint, "classes": classes,
                 "shapes": shapes, "skipped": list(skipped)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / "meta.json.tmp").write_text(json.dumps(meta))
+        files.commit(tmp / "meta.json.tmp", tmp / "meta.json")
         if path.exists():  # only a stale or damaged cache of ours sits at this path
             old = path.parent / f".{path.name}.{os.getpid()}.old"
             os.replace(path, old)
