@@ -259,15 +259,6 @@ def decoded(name: str, spec: DatasetSpec, source: Source, root: Optional[Path], 
     return splits, content_fingerprint(splits), meta["skipped"]
 
 
-def content_fingerprint(splits: Splits) -> str:
-    """Identifies the decoded data itself: every image, label and class name."""
-    h = hashlib.sha1("\0".join(splits.classes).encode())
-    for tensor in (splits.train_labels, splits.test_labels, splits.train_images, splits.test_images):
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:16]
-
-
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, scaled to [0, 1]."""
     c = images.shape[1]
