@@ -36,6 +36,8 @@ class DatasetSpec:
     # the paper's full schedule for this dataset, the reference for time_scale=auto
     paper_epochs: int = 300
     paper_steps_per_epoch: int = 391
+    # a user's dataset: (data_dir) -> (train, test) torch Datasets, for backends that read items lazily
+    datasets: Optional[Callable[[Optional[Path]], tuple]] = None
 
 
 @dataclass
@@ -122,6 +124,29 @@ DATASETS.register("tinyimagenet", "Tiny ImageNet-200, 64x64 (raw release layout 
                 (0.2302, 0.2265, 0.2262), 4, True, paper_epochs=100, paper_steps_per_epoch=782))
 DATASETS.register("imagefolder", "any train/ + val/ (or test/) folders of class subfolders")(
     DatasetSpec(lambda root, size: sources.load_image_folder(root, size), None, None, pad=-1, flip=True))
+
+
+PYTHON_PREFIX = "python:"  # datasets handed to dkel.fit as objects: they live only in that process
+
+
+def register_user_dataset(name: str, make: Callable[[Optional[Path]], tuple], description: str, *,
+                          mean=None, std=None, pad: int = -1, flip: bool = True, needs_dir: bool = False,
+                          classes=None, replace: bool = False) -> DatasetSpec:
+    """Dataset `name` from `make(data_dir) -> (train, test)` torch Datasets."""
+    from .user import user_splits
+
+    def read(root: Path, size: Optional[int]) -> Splits:
+        pair = make(root if needs_dir else None)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise DataError(f"dataset {name!r} must give a (train, test) pair of Datasets, got {type(pair).__name__}")
+        return user_splits(pair[0], pair[1], classes, size)
+
+    spec = DatasetSpec(read, None if mean is None else tuple(mean), None if std is None else tuple(std), pad, flip,
+                       needs_dir=needs_dir, datasets=make)
+    if replace:
+        DATASETS.unregister(name)
+    DATASETS.register(name, description)(spec)
+    return spec
 
 
 def default_cache_dir() -> Path:
@@ -211,6 +236,9 @@ def balanced_subset(labels: Tensor, n: int, num_classes: int) -> Tensor:
 def load_dataset(name: str, data_dir: Optional[str] = None, *, download: bool = False,
                  image_size: Optional[int] = None, train_subset: Optional[int] = None,
                  cache_dir: Optional[str] = None) -> ImageData:
+    if name.startswith(PYTHON_PREFIX) and name not in DATASETS:
+        raise DataError(f"dataset {name!r} was given to dkel.fit as Python objects, which only that process "
+                        "holds; pass them again from Python (dkel.evaluate(run, data=(train, test)))")
     spec = DATASETS.get(name)
     if not spec.needs_dir:
         splits = spec.read(Path("."), image_size).check(name)
