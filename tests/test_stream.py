@@ -280,12 +280,15 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def test_user_datasets_on_both_backends(tmp_path):
-    cfg = make_config(dataset="mine", data_backend="stream", recipe="imagenet", image_size=16, batch_size=6,
-                      num_workers=0)
+    from dkel.data import register_user_dataset
+
     pair = (PairDataset(12, (18, 18)), PairDataset(6))  # square train images: both backends crop the same
-    stream = open_backend(cfg, views=2, device=torch.device("cpu"), datasets=pair)
+    register_user_dataset("python:mine", lambda root: pair, "test", replace=True)
+    cfg = make_config(dataset="python:mine", data_backend="stream", recipe="imagenet", image_size=16,
+                      batch_size=6, num_workers=0)
+    stream = open_backend(cfg, views=2, device=torch.device("cpu"))
     cfg.data_backend = "resident"
-    resident = open_backend(cfg, views=2, device=torch.device("cpu"), datasets=pair)
+    resident = open_backend(cfg, views=2, device=torch.device("cpu"))
     assert stream.classes == resident.classes == list(CLASSES)
     for (xs, ys), (xr, yr) in zip(stream.train_batches(0), resident.train_batches(0)):
         assert torch.equal(ys, yr) and (xs - xr).abs().mean() < 0.05

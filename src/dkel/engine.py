@@ -30,6 +30,7 @@ from torch import nn
 from . import __version__, files, runtime
 from .config import RESUMABLE_KEYS, TimeScale, to_dict
 from .data.backend import DataBackend, open_backend
+from .losses import label_smoothing
 from .errors import ConfigError, DataError, DkelError, RunFolderError, Terminated, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import MODELS
@@ -48,8 +49,8 @@ class Built:
     method: Method
 
 
-def build(cfg: Any, rt: runtime.Runtime, datasets: Optional[tuple[Any, Any]] = None) -> Built:
-    """The data backend (over `cfg.dataset`, or a user's (train, test) Dataset pair) and the method's modules."""
+def build(cfg: Any, rt: runtime.Runtime) -> Built:
+    """The data backend over `cfg.dataset` and the method's modules."""
     cls = METHODS.get(cfg.method)
     MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
     if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
@@ -63,7 +64,7 @@ def build(cfg: Any, rt: runtime.Runtime, datasets: Optional[tuple[Any, Any]] = N
 
     def open_data(download: bool) -> DataBackend:
         return open_backend(cfg, views=views, device=rt.device, rank=rt.rank, world=rt.world,
-                            channels_last=rt.channels_last, download=download, datasets=datasets)
+                            channels_last=rt.channels_last, download=download)
 
     if rt.main:  # rank 0 decodes and caches first (and picks the backend); the others then follow
         data = open_data(cfg.download)
@@ -85,16 +86,24 @@ def build(cfg: Any, rt: runtime.Runtime, datasets: Optional[tuple[Any, Any]] = N
     return Built(data, method)
 
 
-def lr_at(cfg: Any, epoch: float) -> float:
+def lr_at(cfg: Any, epoch: float, steps_per_epoch: int) -> float:
     """The learning rate at a (fractional) epoch: a pure function, so nothing to checkpoint and
-    the same schedule whatever the number of processes."""
+    the same schedule whatever the number of processes.  A warm-up multiplies the schedule by
+    (steps taken including this one) / (warm-up steps) until that reaches 1."""
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
-    return cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    else:
+        lr = cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
+    if cfg.warmup_epochs > 0:
+        lr *= min(1.0, (round(epoch * steps_per_epoch) + 1) / (cfg.warmup_epochs * steps_per_epoch))
+    return lr
 
 
 def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimizer:
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, **kind)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
@@ -121,11 +130,14 @@ class Stepper:
     def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, fraction: float = 0.0):
         """One step at `epoch` + `fraction` of it (which sets the learning rate)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, epoch + fraction)
+            group["lr"] = lr_at(self.cfg, epoch + fraction, self.method.setup.steps_per_epoch)
         with self.rt.autocast():
             out = self.method.losses(views, labels, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.student.parameters(), self.cfg.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(self.step)
@@ -193,9 +205,13 @@ class EpochMeter:
 
 
 # ----------------------------------------------------------------------------- evaluation
+TOP5 = "_top5"  # suffix of an output's top-5 accuracy (top-1 keeps the plain name)
+
+
 @torch.no_grad()
 def evaluate(method: Method, data: DataBackend, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
-    """Top-1 accuracy of every reported output, exact across processes, plus group means/maxima."""
+    """Top-1 (`<output>`) and top-5 (`<output>_top5`) accuracy of every reported output, exact across
+    processes, plus group means/maxima."""
     was_training = method.training
     method.eval()
     correct: Optional[torch.Tensor] = None
@@ -205,21 +221,32 @@ def evaluate(method: Method, data: DataBackend, rt: runtime.Runtime, batch_size:
         with rt.autocast():
             outs = method.eval_logits(x)
         names = list(outs)
-        hits = torch.stack([(logits.argmax(-1) == y).sum() for logits in outs.values()])
+        hits = torch.stack([hits_at(logits, y) for logits in outs.values()])  # [outputs, 2]
         correct = hits if correct is None else correct + hits
         seen += len(y)  # images actually evaluated: none padded, unreadable ones (on_bad_image=skip) left out
     if correct is None:
         raise DkelError(f"process {rt.rank} has no readable test image to evaluate")
-    counts = torch.cat([correct.double(), torch.tensor([float(seen)], device=correct.device, dtype=torch.float64)])
+    counts = torch.cat([correct.double().T.flatten(),
+                        torch.tensor([float(seen)], device=correct.device, dtype=torch.float64)])
     if rt.distributed:
         dist.all_reduce(counts)
-    acc = dict(zip(names, (counts[:-1] / counts[-1]).tolist()))
-    for group, members in method.peer_groups().items():
-        values = [acc[m] for m in members]
-        acc[f"{group}_mean"] = sum(values) / len(values)
-        acc[f"{group}_max"] = max(values)
+    rates = (counts[:-1] / counts[-1]).tolist()
+    acc: dict[str, float] = {}
+    for suffix, values in (("", rates[:len(names)]), (TOP5, rates[len(names):])):
+        one = dict(zip(names, values))
+        for group, members in method.peer_groups().items():
+            one[f"{group}_mean"] = sum(one[m] for m in members) / len(members)
+            one[f"{group}_max"] = max(one[m] for m in members)
+        acc.update({name + suffix: value for name, value in one.items()})
     method.train(was_training)
     return acc
+
+
+def hits_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits] of a batch (top-k with k = min(5, classes))."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    match = top == labels[:, None]
+    return torch.stack([match[:, 0].sum(), match.any(-1).sum()])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -288,15 +315,14 @@ def check_same_data(recorded: dict[str, Any], data: DataBackend, action: str) ->
 
 def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     """(config, method with the checkpoint's weights in eval mode, checkpoint, runtime) of a run folder."""
-    from .config import resolve
-    from .methods import method_configs
+    from .run import resolve_run
 
     folder = RunFolder(Path(run_dir)).require_run()
     path = folder.best if which == "best" else folder.last
     if not path.is_file():
         raise DkelError(f"{run_dir} has no checkpoints/{path.name} yet (no epoch has finished)")
     ckpt = load_checkpoint(path)
-    cfg = resolve([(str(folder.config), folder.effective_config())], method_configs())
+    cfg = resolve_run([(str(folder.config), folder.effective_config())])
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
@@ -476,7 +502,8 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
             session.lock = on_main(rt, lambda: open_fresh(folder, overwrite))
         on_main(rt, lambda: start_writing(session, cfg, rt, changes, resume is not None))
         rt.barrier()
-        return _train(cfg, rt, built, stepper, session, ckpt)
+        with label_smoothing(cfg.label_smoothing):
+            return _train(cfg, rt, built, stepper, session, ckpt)
     except TrainingStopped as e:
         session.note(logging.ERROR, f"stopped: {e}")
         raise
@@ -613,13 +640,15 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         train_time = time.perf_counter() - t0
         check_finite(meter.sums["loss"], rt, epoch, stepper.step, session)
         check_divergence(cfg, meter, reference, rt, epoch, session)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), **meter.row(rt)}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, method.setup.steps_per_epoch),
+                               **meter.row(rt)}
         row.update(method.epoch_diagnostics())
         if rt.distributed:
             sync_buffers(method)
         acc = evaluate(method, data, rt, cfg.eval_batch_size)
         row.update({f"test_{k}": v for k, v in acc.items()})
         row["deploy_acc"] = acc[method.deploy_metric]
+        row["deploy_top5"] = acc[method.deploy_metric + TOP5]
         row["epoch_time_s"] = train_time
         row["img_per_s"] = data.train_size / train_time
         history.append(row)
@@ -694,12 +723,14 @@ def collapsed(row: dict[str, Any], num_classes: int) -> Optional[str]:
 
 def summarize(cfg, method: Method, history, best, rt) -> dict[str, Any]:
     last = history[-1]
-    metrics = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    tested = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    metrics = {k: v for k, v in tested.items() if not k.endswith(TOP5)}
+    top5 = {k[:-len(TOP5)]: v for k, v in tested.items() if k.endswith(TOP5)}
     return {"method": cfg.method, "mode": method.mode, "model": cfg.model, "dataset": cfg.dataset,
             "seed": cfg.seed, "epochs": cfg.epochs, "peers": cfg.peers, "world_size": rt.world,
             "train_subset": cfg.train_subset, "deploy_output": method.deploy_metric,
-            "deploy_acc": last["deploy_acc"], "best_deploy_acc": best["acc"], "best_epoch": best["epoch"],
-            "metrics": metrics, "time_constants": method.time_constants(),
+            "deploy_acc": last["deploy_acc"], "deploy_top5": last["deploy_top5"], "best_deploy_acc": best["acc"],
+            "best_epoch": best["epoch"], "metrics": metrics, "metrics_top5": top5, "time_constants": method.time_constants(),
             "train_time_s": sum(r["epoch_time_s"] for r in history)}
 
 

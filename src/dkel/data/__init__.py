@@ -174,6 +174,27 @@ DATASETS.register("webdataset", "tar shards in WebDataset layout (<key>.jpg + <k
     DatasetSpec(read_shards, None, None, pad=-1, flip=True))
 
 
+PYTHON_PREFIX = "python:"  # datasets handed to dkel.fit as objects: they live only in that process
+
+
+def register_user_dataset(name: str, make: Callable[[Optional[Path]], tuple], description: str, *,
+                          mean=None, std=None, pad: int = -1, flip: bool = True, needs_dir: bool = False,
+                          classes=None, replace: bool = False) -> DatasetSpec:
+    """Dataset `name` from `make(data_dir) -> (train, test)` torch Datasets (read by either backend)."""
+    def read(root: Path) -> Source:
+        pair = make(root if needs_dir else None)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise DataError(f"dataset {name!r} must give a (train, test) pair of Datasets, got {type(pair).__name__}")
+        return user_source(*pair, classes=classes)
+
+    spec = DatasetSpec(read, None if mean is None else tuple(mean), None if std is None else tuple(std), pad, flip,
+                       needs_dir=needs_dir)
+    if replace:
+        DATASETS.unregister(name)
+    DATASETS.register(name, description)(spec)
+    return spec
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("DKEL_CACHE_DIR")
     if env:
@@ -291,6 +312,9 @@ def balanced_subset(labels: Tensor, n: int, num_classes: int) -> Tensor:
 
 def locate(name: str, data_dir: Optional[str], download: bool = False) -> tuple[DatasetSpec, Optional[Path]]:
     """The dataset's spec and folder (None for embedded data), checked to exist."""
+    if name.startswith(PYTHON_PREFIX) and name not in DATASETS:
+        raise DataError(f"dataset {name!r} was given to dkel.fit as Python objects, which only that process "
+                        "holds; pass them again from Python (dkel.evaluate(run, data=(train, test)))")
     spec = DATASETS.get(name)
     if not spec.needs_dir:
         return spec, None
@@ -310,13 +334,9 @@ def locate(name: str, data_dir: Optional[str], download: bool = False) -> tuple[
     return spec, root
 
 
-def open_source(name: str, data_dir: Optional[str] = None, *, download: bool = False,
-                datasets: Optional[tuple[Any, Any]] = None) -> tuple[DatasetSpec, Optional[Path], Source]:
-    """A dataset as samples: from the registry by name, or a user's (train, test) Dataset pair."""
-    if datasets is not None:
-        train, test = (DatasetSamples(d, split) for d, split in zip(datasets, ("train", "test")))
-        return DatasetSpec(lambda root: None, None, None, pad=-1, flip=True, needs_dir=False), None, \
-            user_source(train, test, datasets)
+def open_source(name: str, data_dir: Optional[str] = None, *,
+                download: bool = False) -> tuple[DatasetSpec, Optional[Path], Source]:
+    """A dataset as samples, from the registry by name (a user's Datasets are registered there too)."""
     spec, root = locate(name, data_dir, download)
     source = Source.of(spec.read(root if root is not None else Path(".")))
     if len(source.classes) < 2:
@@ -325,12 +345,15 @@ def open_source(name: str, data_dir: Optional[str] = None, *, download: bool = F
     return spec, root, source
 
 
-def user_source(train: DatasetSamples, test: DatasetSamples, datasets: tuple[Any, Any]) -> Source:
-    """Classes from the train Dataset's `classes` if it has them, else "0", "1", ... up to the largest label."""
-    labels = [train.labels(), test.labels()]
+def user_source(train: Any, test: Any, classes: Optional[list[str]] = None) -> Source:
+    """A user's (train, test) map-style Datasets as samples.  Classes: `classes`, else the train
+    Dataset's `classes`, else "0", "1", ... up to the largest label."""
+    samples = [DatasetSamples(d, split) for d, split in ((train, "train"), (test, "test"))]
+    labels = [s.labels() for s in samples]
     if min(len(x) for x in labels) == 0:
         raise DataError("the train and test datasets must each hold at least one item")
-    classes = getattr(datasets[0], "classes", None)
+    if classes is None:
+        classes = getattr(train, "classes", None)
     largest = int(max(x.max() for x in labels))
     if classes is None:
         classes = [str(i) for i in range(largest + 1)]
@@ -339,7 +362,7 @@ def user_source(train: DatasetSamples, test: DatasetSamples, datasets: tuple[Any
     h = hashlib.sha256("\0".join(map(str, classes)).encode())
     for x in labels:
         h.update(np.ascontiguousarray(x, dtype=np.int64).tobytes())
-    return Source([str(c) for c in classes], train, test, h.hexdigest())
+    return Source([str(c) for c in classes], *samples, h.hexdigest())
 
 
 def resolve_recipe(spec: DatasetSpec, source: Source, recipe: str = "auto",
@@ -373,10 +396,9 @@ def native_side(source: Source) -> int:
 
 def load_dataset(name: str, data_dir: Optional[str] = None, *, download: bool = False,
                  image_size: Optional[int] = None, train_subset: Optional[int] = None,
-                 cache_dir: Optional[str] = None, recipe: str = "auto", on_bad_image: str = "error",
-                 datasets: Optional[tuple[Any, Any]] = None) -> ImageData:
+                 cache_dir: Optional[str] = None, recipe: str = "auto", on_bad_image: str = "error") -> ImageData:
     """The resident representation: every image decoded at the recipe's stored size."""
-    spec, root, source = open_source(name, data_dir, download=download, datasets=datasets)
+    spec, root, source = open_source(name, data_dir, download=download)
     rec = resolve_recipe(spec, source, recipe, image_size)
     return resident_data(name, spec, root, source, rec, cache_dir=cache_dir, train_subset=train_subset,
                          on_bad_image=on_bad_image)

@@ -155,11 +155,10 @@ def default_workers() -> int:
 
 
 def open_backend(cfg: Any, *, views: int, device: torch.device, rank: int = 0, world: int = 1,
-                 channels_last: bool = False, download: bool = False,
-                 datasets: Optional[tuple[Any, Any]] = None) -> DataBackend:
+                 channels_last: bool = False, download: bool = False) -> DataBackend:
     """The backend `cfg.data_backend` names (auto: resident if the decoded data fits comfortably),
-    over the dataset `cfg.dataset` or a user's (train, test) Dataset pair."""
-    spec, root, source = open_source(cfg.dataset, cfg.data_dir, download=download, datasets=datasets)
+    over the dataset `cfg.dataset`."""
+    spec, root, source = open_source(cfg.dataset, cfg.data_dir, download=download)
     recipe = resolve_recipe(spec, source, cfg.recipe, cfg.image_size)
     kind = choose_backend(source, recipe, device) if cfg.data_backend == "auto" else cfg.data_backend
     common = dict(batch_size=cfg.batch_size, views=views, seed=cfg.seed, rank=rank, world=world,
