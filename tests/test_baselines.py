@@ -448,3 +448,13 @@ def test_table_one_configs(method):
             assert cfg.schedule == "multistep"
             full = (300, [150, 225]) if dataset.startswith("cifar") else (100, [30, 60])
             assert (cfg.epochs, list(cfg.milestones)) == full
+
+
+@pytest.mark.parametrize("method", ["independent", "dml", "one", "okddip", "kdcl", "pcl", "dkel"])
+def test_imagenet_configs(method):
+    path = REPO / "configs" / "imagenet" / f"{method}_resnet18.yaml"
+    cfg = resolve([(str(path), load_yaml(path))], method_configs())
+    METHODS.get(method).check(cfg)
+    assert (cfg.method, cfg.model, cfg.dataset) == (method, "resnet18_imagenet", "imagenet")
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (256, 0.1, 0.9, True, 1e-4)
+    assert (cfg.schedule, cfg.epochs, list(cfg.milestones)) == ("multistep", 90, [30, 60])

@@ -19,7 +19,7 @@ from ..registry import Registry, unknown_name_message
 from . import adapters
 from .core import Backbone, Branched, Cohort, PeerOutputs, SingleNet, Tail, pool_trunk
 from .densenet import densenet_bc
-from .resnet import CIFAR_RESNETS, TINY_RESNETS
+from .resnet import CIFAR_RESNETS, IMAGENET_RESNETS, TINY_RESNETS
 from .vgg import vgg16
 
 
@@ -47,6 +47,10 @@ MODELS.register("resnet18", "ResNet-18 for 64x64 (7x7 stride-2 stem, no max-pool
     ModelSpec(TINY_RESNETS["resnet18"], 64))
 MODELS.register("resnet34", "ResNet-34 for 64x64 (7x7 stride-2 stem, no max-pool)")(
     ModelSpec(TINY_RESNETS["resnet34"], 64))
+MODELS.register("resnet18_imagenet", "ImageNet ResNet-18 for 224x224 (7x7 stride-2 stem + max-pool)")(
+    ModelSpec(IMAGENET_RESNETS["resnet18_imagenet"], 224))
+MODELS.register("resnet34_imagenet", "ImageNet ResNet-34 for 224x224 (7x7 stride-2 stem + max-pool)")(
+    ModelSpec(IMAGENET_RESNETS["resnet34_imagenet"], 224))
 
 
 BackboneFactory = Callable[[int, int], Backbone]  # (num_classes, in_channels) -> Backbone
