@@ -243,7 +243,7 @@ def test_imported_module_attribute(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("call,pattern", [
-    (lambda: models.backbone(lambda c: "a network", CLASSES), r"returned a str, not an nn.Module$"),
+    (lambda: models.backbone(lambda c: "a network", CLASSES), r"must return an nn.Module; it returned a str$"),
     (lambda: models.backbone(tvm.resnet18(), CLASSES), r"^model ResNet is a network; pass what builds it"),
     (lambda: models.backbone(lambda c: tvm.resnet18(num_classes=7), CLASSES, image_size=SIZE),
      r"outputs \[2, 7\] for a batch of 2, not \[2, 3\] logits$"),

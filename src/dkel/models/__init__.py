@@ -25,8 +25,13 @@ from .vgg import vgg16
 
 @dataclass(frozen=True)
 class ModelSpec:
-    factory: Callable[..., Backbone]
+    """A registered model: a zoo `factory` (num_classes, in_channels) -> Backbone, or a user's
+    `network` num_classes -> nn.Module, split like a torchvision one (at `split`, or automatically)."""
+
+    factory: Optional[Callable[..., Backbone]]
     input_size: int  # the resolution the architecture was designed for
+    network: Optional[Callable[..., nn.Module]] = None
+    split: Optional[str] = None
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -53,6 +58,21 @@ MODELS.register("resnet34_imagenet", "ImageNet ResNet-34 for 224x224 (7x7 stride
     ModelSpec(IMAGENET_RESNETS["resnet34_imagenet"], 224))
 
 
+PYTHON_PREFIX = "python:"  # networks handed to dkel.fit as objects: they live only in that process
+
+
+def register_callable(name: str, fn: Callable[..., nn.Module], description: str, input_size: int = 32,
+                      split: Optional[str] = None, *, replace: bool = False) -> ModelSpec:
+    """Model `name` from fn(num_classes) -> nn.Module (also given in_channels= and image_size= if it
+    names them); branched methods split it at module `split`, or where its last stage starts."""
+    adapters.callable_network(fn, name)  # a network instance or a non-callable fails here, not at training
+    spec = ModelSpec(None, input_size, fn, split)
+    if replace:
+        MODELS.unregister(name)
+    MODELS.register(name, description)(spec)
+    return spec
+
+
 BackboneFactory = Callable[[int, int], Backbone]  # (num_classes, in_channels) -> Backbone
 
 
@@ -67,10 +87,18 @@ def resolve(model: Any, split: Optional[str] = None, image_size: Optional[int] =
     if not isinstance(model, str):
         raise ConfigError(f"a model is a name or a callable num_classes -> nn.Module, not a {type(model).__name__}")
     if model in MODELS:
+        entry = MODELS.get(model)
+        if entry.network is not None:
+            network = adapters.callable_network(entry.network, model)
+            return _rebuildable(adapters.Adapter(model, network, entry.split if split is None else split,
+                                                 image_size), model)
         if split:
             raise ConfigError(f"split applies to torchvision:, timm: and imported networks; zoo model {model!r} "
                               f"has its own")
-        return _rebuildable(MODELS.get(model).factory, model)
+        return _rebuildable(entry.factory, model)
+    if model.startswith(PYTHON_PREFIX):
+        raise ConfigError(f"model {model!r} was given to dkel.fit as a Python object, which only that process "
+                          f"holds; pass it again from Python, or give dkel.fit an importable function")
     source, sep, name = model.partition(":")
     if not sep:
         raise ConfigError(unknown_name_message("model", model, MODELS.names()))
@@ -150,6 +178,6 @@ def _check_peers(peers: int) -> None:
         raise ConfigError(f"peers must be >= 1, got {peers}")
 
 
-__all__ = ["MODELS", "Backbone", "BackboneFactory", "Branched", "Cohort", "PeerOutputs", "SingleNet", "Tail",
-           "backbone", "check_spec", "create", "create_branched", "create_cohort", "pool_trunk", "resolve",
-           "specs"]
+__all__ = ["MODELS", "PYTHON_PREFIX", "Backbone", "BackboneFactory", "Branched", "Cohort", "ModelSpec", "PeerOutputs",
+           "SingleNet", "Tail", "backbone", "check_spec", "create", "create_branched", "create_cohort", "pool_trunk",
+           "register_callable", "resolve", "specs"]

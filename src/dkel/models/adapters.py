@@ -126,7 +126,7 @@ def callable_network(fn: Any, label: str) -> Network:
         except Exception as e:
             raise ConfigError(f"model {label} raised {first_line(e)} when called with num_classes={num_classes}") from None
         if not isinstance(net, nn.Module):
-            raise ConfigError(f"model {label} returned a {type(net).__name__}, not an nn.Module")
+            raise ConfigError(f"model {label} must return an nn.Module; it returned a {type(net).__name__}")
         return net
 
     return build
