@@ -225,6 +225,22 @@ def test_vit_is_built_for_the_data_size_or_fails_clearly():
         models.backbone("torchvision:vit_b_16", CLASSES, image_size=8)
 
 
+def test_a_registered_network_is_split_at_its_registered_split():
+    def strided(num_classes):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    models.register_callable("strided_test_net", strided, "test", split="2")
+    try:
+        net = models.create_branched("strided_test_net", CLASSES, peers=2)
+        assert first_module(net.tails[0]) == "2" and net.deploy(1).dkel_model == "strided_test_net"
+        assert first_module(models.create_branched("strided_test_net", CLASSES, peers=2, split="1").tails[0]) == "1"
+    finally:
+        models.MODELS.unregister("strided_test_net")
+    with pytest.raises(ConfigError, match=r"^model 'python:strided' was given to dkel.fit as a Python object"):
+        models.resolve("python:strided")
+
+
 def test_imported_module_attribute(tmp_path, monkeypatch):
     (tmp_path / "my_nets.py").write_text(
         "import torchvision\n"
