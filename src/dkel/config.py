@@ -96,10 +96,12 @@ class TrainConfig:
 
 # keys that `--resume` may change (recorded in the run's sessions.jsonl); every other key defines the
 # run, and a resume that changes one is refused
-RESUMABLE_KEYS = frozenset({
-    "epochs", "device", "precision", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size",
-    "progress", "tensorboard", "data_dir", "download", "cache_dir", "collapse_check", "divergence_check",
-    "divergence_factor"})
+# how a run executes, not what it computes: compare ignores them when matching configs
+EXECUTION_KEYS = frozenset({
+    "device", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size", "progress",
+    "tensorboard", "data_dir", "download", "cache_dir", "data_backend", "num_workers"})
+RESUMABLE_KEYS = EXECUTION_KEYS | {"epochs", "precision", "collapse_check", "divergence_check", "divergence_factor",
+                                   "on_bad_image"}
 
 
 @dataclass
@@ -225,7 +227,8 @@ def validate(cfg: Any) -> Any:
 
 
 def model_slug(model: Any) -> str:
-    """The `model` key as a file name: torchvision:resnet18 -> torchvision-resnet18, a list joined by '+'."""
+    """A `model` (or `dataset`) key as a file name: torchvision:resnet18 -> torchvision-resnet18, a list
+    joined by '+'."""
     names = model if isinstance(model, (list, tuple)) else [model]
     return "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", n if isinstance(n, str) else getattr(n, "__name__", "model"))
                     for n in names)

@@ -57,7 +57,8 @@ class RunFolder:
         if cfg.out:
             return cls(Path(cfg.out))
         name = cfg.name or getattr(cfg, "mode", None) or "default"
-        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{model_slug(cfg.model)}" / f"{name}-seed{cfg.seed}")
+        return cls(Path(cfg.runs_dir) / model_slug(cfg.dataset) / f"{cfg.method}-{model_slug(cfg.model)}"
+                   / f"{name}-seed{cfg.seed}")
 
     def is_run(self) -> bool:
         return self.config.is_file()
