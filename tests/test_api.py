@@ -290,3 +290,12 @@ def test_import_of_dkel_stays_light():
     out = subprocess.run([PYTHON, "-c", "import sys, dkel; print(sorted(m for m in ('torch', 'timm', 'torchvision') "
                                         "if m in sys.modules))"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_example_script_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "dkel_on_torchvision.py"
+    out = subprocess.run([PYTHON, str(script), "--images", "24", "--epochs", "1", "--out", str(tmp_path / "shapes")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "deployed (teacher peer 1) accuracy" in out.stdout and "predicted:" in out.stdout
+    assert (tmp_path / "shapes" / "results.json").is_file()
