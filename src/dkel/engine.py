@@ -93,7 +93,7 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
         raise DkelError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world} processes")
     data.to(rt.device)
     loader = ViewLoader(data.train_images, data.train_labels, batch_size=cfg.batch_size,
-                        views=1 if cls.shared_view else cfg.peers, pad=data.pad, flip=data.flip,
+                        views=cls.view_count(cfg), pad=data.pad, flip=data.flip,
                         mean=data.mean, std=data.std, seed=cfg.seed, rank=rt.rank, world=rt.world,
                         channels_last=rt.channels_last)
     if len(loader) == 0:
@@ -101,13 +101,23 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     spec = data.spec
     # counted as one process would, so the time constants do not depend on the number of processes
     steps_per_epoch = len(loader.unsharded())
-    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, spec.paper_epochs,
-                                   spec.paper_steps_per_epoch)
+    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch,
+                                   spec.paper_epochs if cfg.paper_epochs is None else cfg.paper_epochs)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, loader, method)
+
+
+PROBE_SIZE = 64  # images in the fixed batch the methods' end-of-epoch instruments measure on
+PROBE_EPOCH = -1_000_000  # a draw of the loader that training and teacher initialisation never use
+
+
+def probe_batch(loader: ViewLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small fixed batch of training views (the same every epoch, on every process)."""
+    views, labels = next(loader.unsharded().stream(PROBE_EPOCH))
+    return views[:, :PROBE_SIZE], labels[:PROBE_SIZE]
 
 
 def lr_at(cfg: Any, epoch: float) -> float:
@@ -148,7 +158,7 @@ class Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, epoch + fraction)
         with self.rt.autocast():
-            out = self.method.losses(views, labels, epoch)
+            out = self.method.losses(views, labels, epoch + fraction)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
         self.scaler.step(self.optimizer)
@@ -289,7 +299,7 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     cfg = resolve([(str(folder.config), load_yaml(folder.config))], method_configs())
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
-    setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
+    setup = Setup(**{**ckpt["setup"], "time": TimeScale.from_dict(ckpt["setup"]["time"])})
     method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     method.load_state_dict(ckpt["method"])
     method.eval()
@@ -426,6 +436,9 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",
                  folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, len(data.train_labels),
                  len(data.test_labels), len(loader), f" | time constants {consts}" if consts else "")
+        for warning in method.warnings():
+            log.warning("warning: %s", warning)
+    probe = probe_batch(loader)
     tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
     for epoch in range(start_epoch, cfg.epochs):
         method.train()
@@ -445,7 +458,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         progress.close()
         check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), **meter.row(rt)}
-        row.update(method.epoch_diagnostics())
+        row.update(method.epoch_diagnostics(probe, epoch + (meter.steps - 1) / meter.steps))
         if rt.distributed:
             sync_buffers(method)
         acc = evaluate(method, data, rt, cfg.eval_batch_size)
