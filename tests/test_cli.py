@@ -87,7 +87,7 @@ def test_missing_config_file(capsys, tmp_path):
 def test_non_finite_loss(capsys, tmp_path, exploding):
     line = fails(capsys, TRAIN[:1] + ["--method", "exploding", "--epochs", "2", "--out", str(tmp_path),
                                       "progress=none", "train_subset=200"], r"^stopped: loss became nan")
-    assert "last good state" in line and (tmp_path / "checkpoints" / "last.pt").exists()
+    assert "state after epoch 1 is kept" in line and (tmp_path / "checkpoints" / "last.pt").exists()
 
 
 def test_python_m_dkel_is_the_same_program(tmp_path):

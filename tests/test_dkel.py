@@ -187,8 +187,8 @@ def test_student_peer_i_learns_from_teacher_peers_j_on_their_own_views():
     views, labels = batches(1, seed=3)[0]
     k = 3
     with torch.no_grad():  # plain networks: student peer i on view i, teacher peer j on view j
-        z = torch.stack([method.student.deploy(i).train()(views[i]) for i in range(k)])
-        t = torch.stack([method.teacher.deploy(j).train()(views[j]) for j in range(k)])
+        z = torch.stack([method.student.deploy(i + 1).train()(views[i]) for i in range(k)])
+        t = torch.stack([method.teacher.deploy(j + 1).train()(views[j]) for j in range(k)])
     individual = sum(L.kd_loss(z[i], t[j]) for i in range(k) for j in range(k) if j != i) / (k - 1)
     ensemble = sum(L.kd_loss(z[i], (t.sum(0) - t[i]) / (k - 1)) for i in range(k))
     got = method.losses(views, labels, 0).losses  # w = 1 at epoch 0: both terms are computed
@@ -215,7 +215,7 @@ def test_instruments_leave_every_state_as_it_was_and_measure_the_teacher():
     assert sum(shares.values()) == pytest.approx(1.0) and shares["grad_share_dk_individual"] == 0.0  # w = 1
     views, labels = probe
     with torch.no_grad():  # every teacher peer on view 1, as plain networks
-        shared = torch.stack([method.teacher.deploy(j).train()(views[0]).argmax(-1) for j in range(3)])
+        shared = torch.stack([method.teacher.deploy(j + 1).train()(views[0]).argmax(-1) for j in range(3)])
     pairs = [(shared[i] == shared[j]).float().mean().item() for i in range(3) for j in range(3) if i != j]
     assert out["probe_agree_teacher_peers"] == pytest.approx(sum(pairs) / len(pairs))
 
@@ -242,8 +242,8 @@ def test_reports_and_deploys_the_teacher():
     assert method.deploy_metric == "teacher2"
     with torch.no_grad():
         deployed = method.deploy().eval()(x)
-        torch.testing.assert_close(outs["teacher2"], method.teacher.deploy(1).eval()(x), rtol=0, atol=1e-5)
-        torch.testing.assert_close(outs["student2"], method.student.deploy(1).eval()(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(outs["teacher2"], method.teacher.deploy(2).eval()(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(outs["student2"], method.student.deploy(2).eval()(x), rtol=0, atol=1e-5)
     torch.testing.assert_close(deployed, outs["teacher2"], rtol=0, atol=1e-5)
     assert (deployed - outs["student2"]).abs().max() > 0.1  # the teacher differs from its student here
     assert (deployed - outs["teacher1"]).abs().max() > 0.1

@@ -97,7 +97,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path, exploding):
-    with pytest.raises(TrainingStopped, match=r"loss became nan in epoch 2.*end of epoch 1"):
+    with pytest.raises(TrainingStopped, match=r"loss became nan in epoch 2.*state after epoch 1 is kept"):
         train(make_config(method="exploding", epochs=3, out=str(tmp_path), train_subset=300))
     ckpt = state(tmp_path)
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())

@@ -24,7 +24,7 @@ def count(module):
 @pytest.mark.parametrize("name,classes", list(SPEC_COUNTS))
 def test_parameter_counts_equal_spec(name, classes):
     net = models.create_branched(name, classes, peers=3, ensemble_head=True)
-    got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(0)))
+    got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(1)))
     assert got == SPEC_COUNTS[name, classes]
     assert count(models.create(name, classes)) == SPEC_COUNTS[name, classes][4]
 
@@ -58,7 +58,7 @@ def test_deploy_matches_peer(name):
     net.eval()
     peers = net(x).logits
     for i in range(3):
-        single = net.deploy(i).eval()
+        single = net.deploy(i + 1).eval()
         torch.testing.assert_close(single(x), peers[i], rtol=0, atol=1e-5)
         assert count(single) == count(models.create(name, 5))
 
@@ -69,7 +69,7 @@ def test_cohort_peers_are_independent_networks():
     x = torch.randn(5, 3, 32, 32)
     logits = cohort(x).logits
     assert not torch.allclose(logits[0], logits[1])
-    torch.testing.assert_close(cohort.deploy(2).eval()(x), logits[2])
+    torch.testing.assert_close(cohort.deploy(3).eval()(x), logits[2])
     assert count(cohort) == 3 * count(models.create("resnet8", 4))
 
 
@@ -83,7 +83,7 @@ def test_per_peer_views_reach_their_tail():
     net = models.create_branched("resnet8", 3, peers=2).eval()
     a, b = torch.randn(2, 4, 3, 32, 32)
     out = net(torch.stack([a, b]))
-    torch.testing.assert_close(out.logits[1], net.deploy(1).eval()(b), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits[1], net.deploy(2).eval()(b), rtol=0, atol=1e-5)
 
 
 def test_unknown_model_lists_valid_ones():

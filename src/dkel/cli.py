@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import DkelError, TrainingStopped
+from . import __version__
+from .errors import ConfigError, DkelError, Terminated, TrainingStopped
 
 # flags that set a config key of the same name (method-specific ones are checked against the method)
 TRAIN_FLAGS = {
@@ -24,7 +26,8 @@ TRAIN_FLAGS = {
     "train_subset": (int, "train on a fixed class-balanced subset of N images"),
     "out": (str, "exact run folder (default: runs/<dataset>/<method>-<model>/<name>-seed<k>)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
-    "precision": (str, "auto, fp32, bf16 or fp16"),
+    "precision": (str, "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16"),
+    "threads": (int, "CPU threads (default: torch's choice)"),
     "mode": (str, "DKEL: paper (the SPEC reconstruction of the paper; its formulas were not available) or "
                   "reference (the released code's loss weights, EMA warm-up and teacher initialisation)"),
     "init_steps": (int, "DKEL: teacher initialisation steps k"),
@@ -33,20 +36,39 @@ TRAIN_FLAGS = {
 }
 
 
+def config_default(key: str) -> Any:
+    """The default of config key `key`: the engine's, else that of the first method that has it."""
+    import dataclasses
+
+    from .config import TrainConfig
+    from .methods import METHODS
+
+    for cls in (TrainConfig, *(e.obj.Config for e in METHODS)):
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return None
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a method and write a run folder",
                        description="Train a method. Any config field can be set as key=value "
-                                   "(e.g. schedule=multistep time_scale=1); unknown keys are errors.")
+                                   "(e.g. schedule=multistep time_scale=1); unknown keys are errors. "
+                                   "Defaults < --config YAML < flags < key=value.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--config", help="YAML config file (e.g. configs/cifar100/dkel_resnet32.yaml)")
     for key, (typ, help_text) in TRAIN_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, help=help_text)
+        default = config_default(key)
+        shown = "" if default is None or "default" in help_text else f" (default: {default})"
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, help=help_text + shown)
     p.add_argument("--download", action="store_const", const=True, help="download the dataset if missing")
     p.add_argument("--no-teacher-init", dest="teacher_init", action="store_const", const=False,
                    help="DKEL: skip the teacher initialisation (teacher_init=false)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward passes")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run exactly (it may extend epochs or change execution keys)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder that dkel created (never anything else)")
 
 
 def train_config(args) -> Any:
@@ -57,15 +79,34 @@ def train_config(args) -> Any:
              if v is not None and (k in TRAIN_FLAGS or k in ("download", "teacher_init", "compile"))}
     layers: list[tuple[str, dict]] = []
     if args.resume:
-        if not (args.resume / "config.yaml").is_file():
-            raise DkelError(f"{args.resume} is not a run folder (no config.yaml)")
-        layers.append((f"{args.resume}/config.yaml", load_yaml(args.resume / "config.yaml")))
+        from .run_folder import RunFolder
+
+        layers.append((f"{args.resume}/config.yaml", RunFolder(args.resume).require_run().effective_config()))
     if args.config:
         layers.append((args.config, load_yaml(args.config)))
     from .config import parse_overrides
 
     layers += [("command-line flags", flags), ("overrides", parse_overrides(args.overrides))]
-    return resolve(layers, method_configs())
+    method = next((v["method"] for _, v in reversed(layers) if v.get("method")), None) or config_default("method")
+    configs = method_configs()
+    if method in configs:
+        check_method_flags(flags, method, configs)
+    return resolve(layers, configs)
+
+
+def check_method_flags(flags: dict[str, Any], method: str, configs: dict[str, type]) -> None:
+    """A method-specific flag given to a method without that setting names the methods that have it."""
+    import dataclasses
+
+    from .config import TrainConfig, field_names
+
+    own = set(field_names(TrainConfig)) | set(field_names(configs[method]))
+    for key in flags:
+        if key not in own:
+            owners = [m for m, cls in configs.items() if key in {f.name for f in dataclasses.fields(cls)}]
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} is a setting of {', '.join(owners) or 'no method'}; method {method} "
+                              "does not have it")
 
 
 def cmd_train(args) -> None:
@@ -76,7 +117,8 @@ def cmd_train(args) -> None:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", choices=("last", "best"), default="last")
     p.add_argument("--device", default="auto")
@@ -97,13 +139,15 @@ def add_export(sub) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--format", choices=("torchscript", "onnx", "safetensors"), default="safetensors")
     p.add_argument("--checkpoint", choices=("last", "best"), default="last")
-    p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/export/deploy.<ext>)")
+    p.add_argument("--out", type=Path, help="output file, or a folder to write deploy.<ext> into "
+                                            "(default: RUN_DIR/export/deploy.<ext>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
 
 
 def cmd_export(args) -> None:
     from .export import export_run
 
-    path, diff = export_run(args.run_dir, args.format, args.checkpoint, args.out)
+    path, diff = export_run(args.run_dir, args.format, args.checkpoint, args.out, args.overwrite)
     print(f"wrote {path} (max |difference| to the in-memory network: {diff:.2e})")
 
 
@@ -209,7 +253,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="training throughput of a method against a plain network",
                        description="Times full training steps (forward, losses, backward, optimizer, EMA) of a "
                                    "method and of a plain single network of the same model, interleaved, in "
-                                   "one process. One sample is one image with its K views.")
+                                   "one process. One sample is one image with its K views.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="method settings, e.g. mode=reference")
     p.add_argument("--method", default="dkel")
     p.add_argument("--model", default="resnet32")
@@ -260,6 +305,7 @@ COMMANDS = {"train": (add_train, cmd_train), "eval": (add_eval, cmd_eval), "expo
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dkel", description="Online knowledge distillation: DKEL and its baselines.")
+    p.add_argument("--version", action="version", version=f"dkel {__version__}")
     sub = p.add_subparsers(dest="command", metavar="command")
     for add, _ in COMMANDS.values():
         add(sub)
@@ -300,6 +346,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         log.addHandler(StderrHandler())
         log.propagate = False
     log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         COMMANDS[args.command][1](args)
     except TrainingStopped as e:
@@ -308,6 +355,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     except DkelError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{_continue_hint(e)}", file=sys.stderr)
         sys.exit(130)
+    except Terminated as e:
+        print(f"terminated by SIGTERM{_continue_hint(e)}", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _continue_hint(interruption: BaseException) -> str:
+    """How to continue an interrupted training run (the engine names its folder on the exception)."""
+    folder = getattr(interruption, "run_folder", None)
+    return f"; continue with: dkel train --resume {folder}" if folder else ""

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import files
 from .errors import ConfigError, DkelError
 
 COMPARE_DESCRIPTION = """\
@@ -387,15 +388,14 @@ def _fmt(value: Any) -> str:
 
 def write_csv(groups: list[Group], path: Path) -> None:
     """Long format: one row per (configuration, quantity); accuracies in %."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*GROUP_FIELDS, "mode", "deploy_output", "quantity", "mean", "std", "n", "runs", "values"])
-        for g in groups:
-            for name, s in g.quantities().items():
-                values = ";".join(f"seed{k}:{v:.4f}" for k, v in sorted(s.values.items()))
-                writer.writerow([*(_fmt(x) if x is not None else "" for x in g.key), g.mode, g.deploy_output, name,
-                                 "" if s.mean is None else f"{s.mean:.4f}", "" if s.std is None else f"{s.std:.4f}",
-                                 s.n, len(g.runs), values])
+    rows = [[*GROUP_FIELDS, "mode", "deploy_output", "quantity", "mean", "std", "n", "runs", "values"]]
+    for g in groups:
+        for name, s in g.quantities().items():
+            values = ";".join(f"seed{k}:{v:.4f}" for k, v in sorted(s.values.items()))
+            rows.append([*(_fmt(x) if x is not None else "" for x in g.key), g.mode, g.deploy_output, name,
+                         "" if s.mean is None else f"{s.mean:.4f}", "" if s.std is None else f"{s.std:.4f}",
+                         s.n, len(g.runs), values])
+    files.write_csv(path, rows)
 
 
 def plot_curves(groups: list[Group], path: Path) -> bool:
@@ -431,16 +431,15 @@ def plot_curves(groups: list[Group], path: Path) -> bool:
         ax.legend(fontsize=7)
     fig.suptitle("mean over seeds, band = min–max over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
     return True
 
 
 def write_outputs(groups: list[Group], out: Path, title: str, paper: Optional[str] = None,
                   curves: bool = True) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     text = markdown(groups, title, paper)
-    (out / "table.md").write_text(text)
+    files.write_text(out / "table.md", text)
     write_csv(groups, out / "table.csv")
     if curves:
         plot_curves(groups, out / "curves.png")
@@ -515,7 +514,7 @@ def plan(methods: list[str], models: list[str], datasets: list[str], seeds: list
          execution: Optional[dict[str, Any]] = None) -> list[Planned]:
     """Every run of the grid, with its validated config and run folder (deduplicated)."""
     from .config import field_names, resolve, run_config_class, to_dict
-    from .engine import RunFolder
+    from .run_folder import RunFolder
     from .methods import method_configs
 
     configs = method_configs()
@@ -545,7 +544,7 @@ def plan(methods: list[str], models: list[str], datasets: list[str], seeds: list
                 stem = values.get("name") or getattr(cfg, "mode", None) or "default"
                 suffix = "".join(f"-{k}{_slug(tok)}" for k, (tok, _) in zip(mine, combo) if k not in ("mode", "name"))
                 values["name"] = cfg.name = stem + suffix
-                folder = RunFolder.for_config(cfg, cfg.name).root
+                folder = RunFolder.for_config(cfg).root
                 key = {"method": method, "model": model, "dataset": dataset, "seed": seed, "variant": cfg.name,
                        "epochs": cfg.epochs}
                 planned.setdefault(folder, Planned(key, values, folder, ignored, to_dict(cfg)))
@@ -599,7 +598,7 @@ def execute(runs: list[Planned], jobs: int, logs: Path) -> None:
     todo = [p for p in runs if p.action != "skip"]
     if not todo:
         return
-    logs.mkdir(parents=True, exist_ok=True)
+    files.make_dir(logs)
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])  # the folder holding the dkel package
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])

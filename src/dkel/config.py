@@ -63,13 +63,24 @@ class TrainConfig:
     threads: Optional[int] = None  # CPU threads (default: torch's choice)
     eval_batch_size: int = 1000
     sync_bn: bool = False  # SyncBatchNorm in the trained modules under DDP
-    collapse_check: bool = True
+    collapse_check: bool = True  # stop when logits collapse to zero at chance accuracy
+    # stop when every step of an epoch has a loss above divergence_factor x the run's first loss
+    divergence_check: bool = True
+    divergence_factor: float = 10.0
     # output
     out: Optional[str] = None  # exact run folder; default runs/<dataset>/<method>-<model>/<name>-seed<k>
     runs_dir: str = "runs"
     name: Optional[str] = None  # default: the method's mode, else "default"
     tensorboard: bool = False
     progress: str = "auto"  # auto | bar | lines | none
+
+
+# keys that `--resume` may change (recorded in the run's sessions.jsonl); every other key defines the
+# run, and a resume that changes one is refused
+RESUMABLE_KEYS = frozenset({
+    "epochs", "device", "precision", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size",
+    "progress", "tensorboard", "data_dir", "download", "cache_dir", "collapse_check", "divergence_check",
+    "divergence_factor"})
 
 
 @dataclass
@@ -169,6 +180,7 @@ def validate(cfg: Any) -> Any:
     need(cfg.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {cfg.progress!r}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"train_subset must be >= 1, got {cfg.train_subset}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.divergence_factor > 1, f"divergence_factor must be > 1, got {cfg.divergence_factor}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale

@@ -5,22 +5,21 @@ the loop does is here, in order: build, (resume | prepare), then per epoch train
 evaluate, check, checkpoint, log."""
 from __future__ import annotations
 
-import csv
-import hashlib
 import dataclasses
-import json
+import hashlib
+import io
 import logging
 import math
 import os
+import pickle
 import platform
 import random
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -28,41 +27,18 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from . import __version__, runtime
-from .config import TimeScale, to_dict
-from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
-from .errors import DkelError, TrainingStopped
+from . import __version__, files, runtime
+from .config import RESUMABLE_KEYS, TimeScale, to_dict
+from .data import ImageData, ViewLoader, eval_batches, load_dataset
+from .errors import ConfigError, DataError, DkelError, RunFolderError, Terminated, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import MODELS
 from .progress import Progress
+from .run_folder import FolderLock, RunFolder, shown
 
 log = logging.getLogger("dkel")
-CHECKPOINT_FORMAT = 1
-
-
-# ----------------------------------------------------------------------------- run folder
-@dataclass
-class RunFolder:
-    root: Path
-
-    config = property(lambda self: self.root / "config.yaml")
-    env = property(lambda self: self.root / "env.json")
-    metrics = property(lambda self: self.root / "metrics.csv")
-    log = property(lambda self: self.root / "train.log")
-    results = property(lambda self: self.root / "results.json")
-    curves = property(lambda self: self.root / "curves.png")
-    last = property(lambda self: self.root / "checkpoints" / "last.pt")
-    best = property(lambda self: self.root / "checkpoints" / "best.pt")
-
-    @classmethod
-    def for_config(cls, cfg: Any, tag: str) -> "RunFolder":
-        if cfg.out:
-            return cls(Path(cfg.out))
-        name = cfg.name or tag
-        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{cfg.model}" / f"{name}-seed{cfg.seed}")
-
-    def is_run(self) -> bool:
-        return self.config.is_file()
+# 2: weights-only loadable (no pickled numpy objects), reference loss for the divergence guard
+CHECKPOINT_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- building
@@ -185,6 +161,7 @@ class EpochMeter:
         self.monitors: dict[str, torch.Tensor] = {}
         self.floats: dict[str, float] = {}
         self.correct = torch.zeros((), device=device)
+        self.min_loss: Optional[torch.Tensor] = None  # lowest step loss, for the divergence guard
         self.steps = self.seen = 0
 
     @staticmethod
@@ -202,6 +179,8 @@ class EpochMeter:
                 self.floats[name] = value  # weights of the loss terms: the last value is the epoch's
         for name, value in out.monitors.items():
             self.accumulate(self.monitors, name, value)
+        loss = out.losses["loss"].detach()
+        self.min_loss = loss.clone() if self.min_loss is None else torch.minimum(self.min_loss, loss)
         self.correct += (logits.argmax(-1) == labels).sum()
         self.steps += 1
         self.seen += len(labels)
@@ -254,7 +233,12 @@ def evaluate(method: Method, data: ImageData, rt: runtime.Runtime, batch_size: i
 
 # ----------------------------------------------------------------------------- checkpoints
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -262,53 +246,88 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A dkel checkpoint, loaded without executing anything (weights_only): one that would need
+    arbitrary unpickling is refused, never run."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with files.guarded(path, "read"):
+            raw = Path(path).read_bytes()
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DkelError(f"refusing to load {path}: it needs arbitrary unpickling, which can run code; dkel "
+                        "checkpoints never do (only load files you trust with torch.load yourself)") from None
+    except DkelError:
+        raise
     except Exception as e:
-        raise DkelError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DkelError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise DkelError(f"{path} is not a dkel checkpoint")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise DkelError(f"{path} has checkpoint format {ckpt['format']}; this dkel ({__version__}) reads "
+                        f"format {CHECKPOINT_FORMAT} (use the dkel version that wrote it)")
     return ckpt
 
 
 def data_info(data: ImageData) -> dict[str, Any]:
-    """What a deployed network needs to know about its inputs."""
+    """What a deployed network needs to know about its inputs, and what identifies the data."""
     return {"dataset": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
-            "in_channels": data.in_channels, "image_size": data.image_size}
+            "in_channels": data.in_channels, "image_size": data.image_size, "fingerprint": data.fingerprint}
+
+
+def check_same_data(recorded: dict[str, Any], data: ImageData, action: str) -> None:
+    """Refuse data whose classes differ from the run's; warn when only the files differ."""
+    old, new = list(recorded.get("classes") or []), list(data.classes)
+    if old and old != new:
+        detail = (f"the run has {len(old)} ({shown(old)}), the data has {len(new)} ({shown(new)})"
+                  if len(old) != len(new) or set(old) != set(new) else "the same names in another order")
+        raise DataError(f"the data's classes differ from the run's, so {action} would be meaningless: {detail}")
+    if recorded.get("fingerprint") and recorded["fingerprint"] != data.fingerprint:
+        log.warning("the %s data differs from the data the run trained on (same classes, other images)",
+                    data.name)
 
 
 def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     """(config, method with the checkpoint's weights in eval mode, checkpoint, runtime) of a run folder."""
-    from .config import load_yaml, resolve
+    from .config import resolve
     from .methods import method_configs
 
-    folder = RunFolder(Path(run_dir))
-    if not folder.is_run():
-        raise DkelError(f"{run_dir} is not a run folder (no config.yaml)")
+    folder = RunFolder(Path(run_dir)).require_run()
     path = folder.best if which == "best" else folder.last
     if not path.is_file():
         raise DkelError(f"{run_dir} has no checkpoints/{path.name} yet (no epoch has finished)")
     ckpt = load_checkpoint(path)
-    cfg = resolve([(str(folder.config), load_yaml(folder.config))], method_configs())
+    cfg = resolve([(str(folder.config), folder.effective_config())], method_configs())
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale.from_dict(ckpt["setup"]["time"])})
     method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
-    method.load_state_dict(ckpt["method"])
+    load_state(method, ckpt["method"], path)
     method.eval()
     return cfg, method, ckpt, rt
 
 
+def load_state(module: Any, state: dict[str, Any], path: Path) -> None:
+    """load_state_dict, with a mismatch reported in one line."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0].rstrip(":. ")
+        raise DkelError(f"{path} does not fit this run's modules ({first[:300]})") from None
+
+
 def evaluate_run(run_dir: Path, which: str = "last", device: str = "auto") -> tuple[dict[str, float], str]:
-    cfg, method, _, rt = restore(run_dir, which, device)
+    cfg, method, ckpt, rt = restore(run_dir, which, device)
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
+    check_same_data(ckpt["data"], data, "evaluating it")
     data.to(rt.device)
     return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
 
@@ -330,38 +349,212 @@ def environment(rt: runtime.Runtime) -> dict[str, Any]:
             "channels_last": rt.channels_last, "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def attach_log_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return handler
-
-
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    files.write_csv(path, [columns, *([row.get(c, "") for c in columns] for row in history)])
 
 
-# ----------------------------------------------------------------------------- training
-def check_finite(loss_sum: torch.Tensor, rt: runtime.Runtime, epoch: int, step: int, folder: RunFolder,
-                 last_good: Optional[int]) -> None:
+# ----------------------------------------------------------------------------- run sessions
+@dataclass
+class Session:
+    """One process's use of a run folder: its lock, log file, and how far training got."""
+
+    folder: RunFolder
+    lock: Optional[FolderLock] = None
+    log_file: Optional[logging.Handler] = None
+    finished: int = 0  # epochs with a checkpoint
+
+    def kept(self) -> str:
+        if self.finished:
+            return f"the state after epoch {self.finished} is kept in {self.folder.last}"
+        if self.folder.last.is_file():  # stopped between writing the checkpoint and counting it
+            return f"the last finished epoch is kept in {self.folder.last}"
+        return "no epoch had finished, so there is no checkpoint"
+
+    def note(self, level: int, message: str) -> None:
+        """A line for train.log only (the command line prints its own)."""
+        if self.log_file is not None:
+            self.log_file.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
+
+    def close(self) -> None:
+        if self.log_file is not None:
+            log.removeHandler(self.log_file)
+            self.log_file.close()
+            self.log_file = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def on_main(rt: runtime.Runtime, fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0 only; a DkelError there is raised on every process, so none is left waiting."""
+    result, failure = None, None
+    if rt.main:
+        try:
+            result = fn()
+        except DkelError as e:
+            failure = e
+    message = rank0_decides(None if failure is None else str(failure), rt)
+    if message is not None:
+        raise failure if failure is not None else RunFolderError(message)
+    return result
+
+
+def resume_plan(folder: RunFolder, cfg: Any) -> tuple[Optional[dict[str, Any]], dict[str, tuple[Any, Any]]]:
+    """(checkpoint or None, changed keys) of `--resume`, after checking that it may go ahead."""
+    recorded = folder.effective_config()
+    wanted = to_dict(cfg)
+    changes = {k: (recorded[k], wanted[k]) for k in wanted if k in recorded and recorded[k] != wanted[k]}
+    moved = [k for k in ("out", "runs_dir", "name") if k in changes]
+    if moved:
+        raise RunFolderError(f"--resume continues {folder.root} where it is; {', '.join(moved)} cannot "
+                             "point elsewhere (copy the folder first to continue it somewhere else)")
+    fixed = [k for k in changes if k not in RESUMABLE_KEYS]
+    if fixed:
+        detail = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed[:6])
+        raise RunFolderError(f"--resume cannot change what defines run {folder.root} ({detail}); start a new run "
+                             "with another --out instead")
+    ckpt = load_checkpoint(folder.last) if folder.last.is_file() else None
+    if ckpt is None:
+        if any(p.is_file() for p in (folder.metrics, folder.best, folder.results)):
+            raise RunFolderError(f"{folder.last} is missing although {folder.root} has finished epochs; "
+                                 "restore it, or start the run anew with --overwrite")
+        log.warning("no epoch of %s had finished; starting it from the beginning", folder.root)
+        return None, changes
+    old = ckpt["config"]
+    differs = [k for k in old if k in wanted and k not in RESUMABLE_KEYS and k not in ("out", "runs_dir", "name")
+               and old[k] != recorded.get(k, old[k])]
+    if differs:
+        raise RunFolderError(f"{folder.last} belongs to another run ({shown([f'{k}={old[k]!r}' for k in differs])}, "
+                             f"but config.yaml says {shown([f'{k}={recorded.get(k)!r}' for k in differs])})")
+    done = ckpt["epoch"] + 1
+    if cfg.epochs < done:
+        raise RunFolderError(f"run {folder.root} has finished {done} epochs; epochs={cfg.epochs} would shorten "
+                             "it (resume can only extend a run)")
+    if cfg.epochs == done and folder.results.is_file():
+        raise RunFolderError(f"run {folder.root} has already finished all {done} epochs; nothing to resume "
+                             f"(extend it with --epochs N, N > {done})")
+    return ckpt, changes
+
+
+def open_fresh(folder: RunFolder, overwrite: bool) -> FolderLock:
+    """Create (or, with overwrite, empty) the run folder and lock it; re-checked under the lock, so
+    of two runs started on one folder at once only one goes ahead."""
+    files.make_dir(folder.root)
+    lock = folder.lock()
+    try:
+        folder.check_fresh(overwrite)
+        if overwrite:
+            folder.clear()
+        folder.create()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train `cfg` to the end (or continue the run folder `resume`); returns results.json's content.
+
+    Everything that can be checked is checked before anything is written: the folder may be used,
+    a resumed run's checkpoint and data fit, and only then does the run folder change."""
+    if resume is not None and overwrite:
+        raise ConfigError("--resume and --overwrite cannot be combined")
+    rt = runtime.setup(cfg.device, cfg.precision, cfg.channels_last, cfg.threads)
+    folder = RunFolder(Path(resume)) if resume is not None else RunFolder.for_config(cfg)
+    session = Session(folder)
+    try:
+        ckpt, changes = None, {}
+        if resume is not None:
+            session.lock = on_main(rt, lambda: folder.require_run().lock())
+            ckpt, changes = resume_plan(folder, cfg)
+        else:
+            on_main(rt, lambda: folder.check_fresh(overwrite))
+        built = build(cfg, rt)
+        stepper = Stepper(cfg, built.method, rt)
+        if ckpt is not None:
+            check_same_data(ckpt["data"], built.data, "resuming it")
+            load_state(built.method, ckpt["method"], folder.last)
+            load_state(stepper, ckpt["stepper"], folder.last)
+            session.finished = ckpt["epoch"] + 1
+        if resume is None:
+            session.lock = on_main(rt, lambda: open_fresh(folder, overwrite))
+        on_main(rt, lambda: start_writing(session, cfg, rt, changes, resume is not None))
+        rt.barrier()
+        return _train(cfg, rt, built, stepper, session, ckpt)
+    except TrainingStopped as e:
+        session.note(logging.ERROR, f"stopped: {e}")
+        raise
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated by SIGTERM"
+        session.note(logging.WARNING, f"{what}; {session.kept()}")
+        if folder.last.is_file():
+            e.run_folder = folder.root  # for the command line's "continue with" hint
+        raise
+    except DkelError as e:
+        session.note(logging.ERROR, f"error: {e}")
+        raise
+    finally:
+        session.close()
+
+
+def start_writing(session: Session, cfg: Any, rt: runtime.Runtime, changes: dict[str, tuple[Any, Any]],
+                  resumed: bool) -> None:
+    """The first writes of a run (or of its continuation): config, environment, session record, log."""
+    folder = session.folder
+    env = environment(rt)
+    if resumed:
+        folder.record_session("resume", after_epoch=session.finished, changed=changes, device=env["device_name"],
+                              torch=env["torch"], dkel=__version__)
+    else:
+        files.write_text(folder.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        files.write_json(folder.env, env)
+        folder.record_session("start", device=env["device_name"], torch=env["torch"], dkel=__version__)
+    session.log_file = files.open_log(folder.log)
+    log.addHandler(session.log_file)
+    if changes:
+        log.info("resumed with changes: %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    if "epochs" in changes:
+        log.warning("epochs changed from %s to %s: the learning-rate schedule and the scaled time constants "
+                    "follow the new length from epoch %d on", *changes["epochs"], session.finished + 1)
+
+
+def check_finite(loss_sum: torch.Tensor, rt: runtime.Runtime, epoch: int, step: int, session: Session) -> None:
     """Stop if the summed loss of any process is not finite (all processes decide together)."""
     finite = torch.isfinite(loss_sum).to(torch.int32)
     if rt.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item():
         return
-    kept = (f"the last good state is {folder.last} (end of epoch {last_good + 1})" if last_good is not None
-            else "no checkpoint had been written yet")
     value = loss_sum.item() if not torch.isfinite(loss_sum) else float("nan")
-    raise TrainingStopped(f"loss became {value} in epoch {epoch + 1} (by step {step}); stopped, {kept}")
+    raise TrainingStopped(f"loss became {value} in epoch {epoch + 1} (by step {step}); stopped, {session.kept()}")
+
+
+def check_divergence(cfg: Any, meter: EpochMeter, reference: Optional[float], rt: runtime.Runtime, epoch: int,
+                     session: Session) -> None:
+    """Stop when every step of the epoch had a loss far above the run's first one (divergence short of NaN)."""
+    if not cfg.divergence_check or reference is None or meter.min_loss is None:
+        return
+    lowest = meter.min_loss.clone().float()
+    if rt.distributed:
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    lowest = lowest.item()
+    if lowest > cfg.divergence_factor * reference:
+        raise TrainingStopped(
+            f"training diverged: every step of epoch {epoch + 1} had a loss above {cfg.divergence_factor:g} x its "
+            f"starting value {reference:.4g} (lowest {lowest:.4g}); stopped, {session.kept()}. Lower lr, or set "
+            "divergence_check=false")
+
+
+def first_loss(loss: torch.Tensor, rt: runtime.Runtime) -> float:
+    """The run's starting loss, the reference of the divergence guard (mean over processes)."""
+    value = loss.detach().float().clone()
+    if rt.distributed:
+        dist.all_reduce(value)
+        value /= rt.world
+    return value.item()
 
 
 def rank0_decides(value: Any, rt: runtime.Runtime) -> Any:
@@ -373,49 +566,16 @@ def rank0_decides(value: Any, rt: runtime.Runtime) -> Any:
     return box[0]
 
 
-def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg` to the end (or continue the run folder `resume`); returns results.json's content."""
-    rt = runtime.setup(cfg.device, cfg.precision, cfg.channels_last, cfg.threads)
-    built = build(cfg, rt)
-    data, loader, method = built.data, built.loader, built.method
-    folder = RunFolder(resume) if resume else RunFolder.for_config(cfg, method.run_tag())
-    ckpt = load_checkpoint(folder.last) if resume and folder.last.is_file() else None
-    if not resume and folder.root.exists() and any(folder.root.iterdir()):
-        if not overwrite:
-            raise DkelError(f"run folder {folder.root} already exists; continue it with --resume "
-                            f"{folder.root} or replace it with --overwrite")
-        if rt.main:
-            shutil.rmtree(folder.root)
-    rt.barrier()
-    handler = None
-    if rt.main:
-        folder.root.mkdir(parents=True, exist_ok=True)
-        (folder.root / "checkpoints").mkdir(exist_ok=True)
-        handler = attach_log_file(folder.log)
-        folder.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        env = environment(rt)
-        if folder.env.is_file():  # resumed: keep where the run started, log where it continues
-            log.info("continuing on %s (%s, torch %s)", env["device_name"], env["device"], env["torch"])
-        else:
-            folder.env.write_text(json.dumps(env, indent=2))
-    try:
-        return _train(cfg, rt, data, loader, method, folder, ckpt)
-    finally:
-        if handler:
-            log.removeHandler(handler)
-            handler.close()
-
-
-def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
-    stepper = Stepper(cfg, method, rt)
+def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> dict[str, Any]:
+    data, loader, method, folder = built.data, built.loader, built.method, session.folder
     history: list[dict[str, Any]] = []
     best = {"acc": -1.0, "epoch": None}
     start_epoch = 0
+    reference: Optional[float] = None
     if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        stepper.load_state_dict(ckpt["stepper"])
         set_rng_state(ckpt["rng"])
         history, best, start_epoch = ckpt["history"], ckpt["best"], ckpt["epoch"] + 1
+        reference = ckpt["reference_loss"]
         log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
     else:
         # every process prepares on the same full batches, so all end up identical
@@ -446,17 +606,23 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         progress = Progress(cfg.progress if rt.main else "none", len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
         meter = EpochMeter(rt.device)
         t0 = time.perf_counter()
-        for views, labels in loader:
-            meter.add(stepper(views, labels, epoch, meter.steps / len(loader)), labels)
-            progress.advance()
-            if progress.due():  # only rank 0 shows progress, so only a single process checks here
-                if not rt.distributed:
-                    check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
-                progress.show({"loss": meter.mean_loss(), "acc": meter.accuracy(),
-                               "img/s": meter.steps * cfg.batch_size / (time.perf_counter() - t0)})
+        try:
+            for views, labels in loader:
+                out = stepper(views, labels, epoch, meter.steps / len(loader))
+                meter.add(out, labels)
+                if reference is None:
+                    reference = first_loss(out.losses["loss"], rt)
+                progress.advance()
+                if progress.due():  # only rank 0 shows progress, so only a single process checks here
+                    if not rt.distributed:
+                        check_finite(meter.sums["loss"], rt, epoch, stepper.step, session)
+                    progress.show({"loss": meter.mean_loss(), "acc": meter.accuracy(),
+                                   "img/s": meter.steps * cfg.batch_size / (time.perf_counter() - t0)})
+        finally:
+            progress.close()
         train_time = time.perf_counter() - t0
-        progress.close()
-        check_finite(meter.sums["loss"], rt, epoch, stepper.step, folder, last_checkpointed(history))
+        check_finite(meter.sums["loss"], rt, epoch, stepper.step, session)
+        check_divergence(cfg, meter, reference, rt, epoch, session)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), **meter.row(rt)}
         row.update(method.epoch_diagnostics(probe, epoch + (meter.steps - 1) / meter.steps))
         if rt.distributed:
@@ -475,10 +641,11 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
             state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "method": method.state_dict(),
                      "stepper": stepper.state_dict(), "rng": rng_state(), "history": history, "best": best,
                      "config": to_dict(cfg), "world_size": rt.world, "setup": dataclasses.asdict(method.setup),
-                     "data": data_info(data)}
-            atomic_save(state, folder.last)
+                     "data": data_info(data), "reference_loss": reference}
+            files.save_torch(state, folder.last)
+            session.finished = epoch + 1
             if improved:
-                atomic_save(state, folder.best)
+                files.save_torch(state, folder.best)
             write_metrics(folder.metrics, history)
             if tb:
                 for k, v in row.items():
@@ -495,7 +662,7 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
         if not results["ranks_identical"]:
             log.warning("the processes ended with different weights; results come from rank 0")
     if rt.main:
-        folder.results.write_text(json.dumps(results, indent=2))
+        files.write_json(folder.results, results)
         from .plots import plot_run
 
         plot_run(history, method, folder.curves)
@@ -504,11 +671,6 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
     if tb:
         tb.close()
     return results
-
-
-def last_checkpointed(history: list[dict[str, Any]]) -> Optional[int]:
-    """0-based index of the last epoch that has a checkpoint (the last completed one)."""
-    return len(history) - 1 if history else None
 
 
 def sync_buffers(method: Method) -> None:

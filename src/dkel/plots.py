@@ -7,6 +7,8 @@ from typing import Any
 
 import matplotlib
 
+from . import files
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -50,5 +52,4 @@ def plot_run(history: list[dict[str, Any]], method, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)

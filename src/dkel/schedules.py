@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .config import TimeScale
 from .losses import decay_weight, dkel_weights, sigmoid_rampup
 
@@ -67,6 +68,4 @@ def plot_schedules(path: Path, epochs: int = 300, beta: float = 0.5, horizon: fl
         ax.legend(fontsize=8)
     fig.suptitle(scale, fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, Path(path), dpi=110)

@@ -24,7 +24,6 @@ truth) of the measured points, per epoch; epoch 0 is the state before training
 (after the teacher initialisation)."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import files
 from .errors import DkelError
 
 INITS = ("disc", "gaussian", "square", "cluster")
@@ -281,11 +281,8 @@ def summary_markdown(gaps: dict[str, np.ndarray], cfg: SimConfig) -> str:
 def write_csv(curves: dict[str, np.ndarray], path: Path) -> None:
     """Column `epoch` and one column of mean gap per variant."""
     names = list(curves)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", *names])
-        for epoch in range(len(next(iter(curves.values())))):
-            writer.writerow([epoch, *(f"{curves[n][epoch]:.6f}" for n in names)])
+    files.write_csv(path, [["epoch", *names], *([epoch, *(f"{curves[n][epoch]:.6f}" for n in names)]
+                                                for epoch in range(len(next(iter(curves.values())))))])
 
 
 def plot_curves(curves: dict[str, np.ndarray], cfg: SimConfig, path: Path) -> None:
@@ -306,8 +303,7 @@ def plot_curves(curves: dict[str, np.ndarray], cfg: SimConfig, path: Path) -> No
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def plot_trajectory(cfg: SimConfig, path: Path, trial: int = 0,
@@ -336,8 +332,7 @@ def plot_trajectory(cfg: SimConfig, path: Path, trial: int = 0,
     fig.suptitle(f"one trial (seed {cfg.seed}, trial {trial}); o = start of a student, x = start of its teacher",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def run(cfg: SimConfig, out: Path, trajectory: bool = False) -> tuple[dict[str, np.ndarray], list[Path]]:
@@ -345,7 +340,7 @@ def run(cfg: SimConfig, out: Path, trajectory: bool = False) -> tuple[dict[str, 
     returns the per-trial gaps and the files written."""
     gaps = simulate(cfg)
     curves = {name: g.mean(1) for name, g in gaps.items()}
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     written = [out / "simulation.csv", out / "simulation.png"]
     write_csv(curves, written[0])
     plot_curves(curves, cfg, written[1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,14 +11,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from .. import files
+from ..errors import DataError, StorageError
 from ..registry import Registry
 from . import sources
 from .loader import ViewLoader, crop_flip, eval_batches
 from .sources import Splits
 
 log = logging.getLogger("dkel")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the content fingerprint is stored beside the splits
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ImageData:
     pad: int
     flip: bool
     spec: DatasetSpec
+    fingerprint: str  # of the full decoded splits and class names (recorded by every run)
 
     @property
     def num_classes(self) -> int:
@@ -147,24 +148,19 @@ def tree_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def content_fingerprint(splits: Splits) -> str:
+    """Identifies the decoded data itself: every image, label and class name."""
+    h = hashlib.sha1("\0".join(splits.classes).encode())
+    for tensor in (splits.train_labels, splits.test_labels, splits.train_images, splits.test_images):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
 
 
 def cached_read(name: str, spec: DatasetSpec, root: Path, image_size: Optional[int],
-                cache_dir: Optional[Path]) -> Splits:
-    """Decode once into a uint8 cache keyed by the source files; rebuild when they change."""
+                cache_dir: Optional[Path]) -> tuple[Splits, str]:
+    """(splits, content fingerprint), decoded once into a uint8 cache keyed by the source files and
+    rebuilt when they change; without a writable cache it runs uncached."""
     fingerprint = tree_fingerprint(root)
     key = hashlib.sha1(f"{name}|{root.resolve()}|{image_size}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     path = (cache_dir or default_cache_dir()) / f"{name}-{key}.pt"
@@ -172,17 +168,19 @@ def cached_read(name: str, spec: DatasetSpec, root: Path, image_size: Optional[i
         try:
             blob = torch.load(path, weights_only=True)
             if blob.get("fingerprint") == fingerprint and blob.get("format") == CACHE_FORMAT:
-                return Splits(**blob["splits"]).check(f"cache {path}")
+                return Splits(**blob["splits"]).check(f"cache {path}"), blob["content"]
             log.info("dataset cache %s is stale; rebuilding", path)
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             log.warning("dataset cache %s is unreadable (%s); rebuilding", path, e)
     log.info("decoding %s from %s (once; cached in %s)", name, root, path)
     splits = spec.read(root, image_size).check(str(root))
+    content = content_fingerprint(splits)
     try:
-        atomic_save({"format": CACHE_FORMAT, "fingerprint": fingerprint, "splits": vars(splits)}, path)
-    except OSError as e:
-        log.warning("cannot write dataset cache %s (%s); continuing without it", path, e)
-    return splits
+        files.save_torch({"format": CACHE_FORMAT, "fingerprint": fingerprint, "content": content,
+                          "splits": vars(splits)}, path)
+    except StorageError as e:
+        log.warning("%s; continuing without a dataset cache", e)
+    return splits, content
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -221,6 +219,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, download: bool = 
     spec = DATASETS.get(name)
     if not spec.needs_dir:
         splits = spec.read(Path("."), image_size).check(name)
+        content = content_fingerprint(splits)
     else:
         root = Path(data_dir) if data_dir else Path("data") / name
         if download:
@@ -235,7 +234,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, download: bool = 
             raise DataError(f"data directory {root} is not a directory")
         if not any(root.iterdir()):
             raise DataError(f"data directory {root} is empty{hint}")
-        splits = cached_read(name, spec, root, image_size, Path(cache_dir) if cache_dir else None)
+        splits, content = cached_read(name, spec, root, image_size, Path(cache_dir) if cache_dir else None)
     if spec.mean is not None and len(spec.mean) != splits.train_images.shape[1]:
         raise DataError(f"{name}: expected {len(spec.mean)}-channel images, got {splits.train_images.shape[1]}")
     mean, std = (spec.mean, spec.std) if spec.mean is not None else channel_stats(splits.train_images)
@@ -245,8 +244,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, download: bool = 
         train_x, train_y = train_x[idx], train_y[idx]
     pad = spec.pad if spec.pad >= 0 else max(1, splits.train_images.shape[-1] // 8)
     return ImageData(name, splits.classes, train_x, train_y, splits.test_images, splits.test_labels,
-                     tuple(mean), tuple(std), pad, spec.flip, spec)
+                     tuple(mean), tuple(std), pad, spec.flip, spec, content)
 
 
-__all__ = ["DATASETS", "DatasetSpec", "ImageData", "Splits", "ViewLoader", "atomic_save", "crop_flip",
-           "eval_batches", "load_dataset"]
+__all__ = ["DATASETS", "DatasetSpec", "ImageData", "Splits", "ViewLoader", "crop_flip", "eval_batches",
+           "load_dataset"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
+log = logging.getLogger("dkel")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -27,6 +29,9 @@ class Splits:
 
     def check(self, source: str) -> "Splits":
         """Structural sanity of decoded data (also used to reject a damaged cache)."""
+        if len(self.classes) < 2:
+            raise DataError(f"{source}: found {len(self.classes)} class ({', '.join(self.classes)}); a classifier "
+                            "needs at least two")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if len(images) == 0:
@@ -186,12 +191,15 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def class_folders(split_dir: Path) -> dict[str, list[Path]]:
-    """{class: image paths} for an ImageFolder-style split (`<split>/<class>/**/<image>`)."""
+    """{class: image paths} for an ImageFolder-style split (`<split>/<class>/**/<image>`); a class
+    folder without images is left out, with a warning naming it."""
     out = {}
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         images = list_images(d)
         if images:
             out[d.name] = images
+        else:
+            log.warning("class folder %s holds no images; class %r is left out", d, d.name)
     if not out:
         raise DataError(f"{split_dir} has no class folders with images")
     return out

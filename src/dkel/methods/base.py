@@ -90,10 +90,6 @@ class Method(nn.Module):
     def mode(self) -> Optional[str]:
         return getattr(self.cfg, "mode", None)
 
-    def run_tag(self) -> str:
-        """Default run-folder name."""
-        return self.mode or "default"
-
     def time_constants(self) -> dict[str, Any]:
         """The effective (scaled) time constants, for the log and results.json."""
         return {}

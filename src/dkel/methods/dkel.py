@@ -114,9 +114,6 @@ class DKEL(Method):
             (1 <= hp.deploy_peer <= cfg.peers, f"deploy_peer must be in 1..{cfg.peers}, got {hp.deploy_peer}"),
         ]
 
-    def run_tag(self) -> str:
-        return self.hp.mode
-
     @property
     def mode(self) -> Optional[str]:
         return self.hp.mode
@@ -260,7 +257,7 @@ class DKEL(Method):
         return {"teacher": peer_names("teacher", k), "student": peer_names("student", k)}
 
     def deploy(self) -> nn.Module:
-        return self.teacher.deploy(self.hp.deploy_peer - 1)
+        return self.teacher.deploy(self.hp.deploy_peer)
 
 
 class PCL(DKEL):
@@ -278,9 +275,6 @@ class PCL(DKEL):
                           rampup_max=cfg.rampup_max, decay="none", dk_weight=cfg.rampup_max, dk_rampup=True,
                           teacher_init=False, init_steps=0, ema_alpha=cfg.ema_alpha, ema_warmup=True,
                           deploy_peer=cfg.deploy_peer)
-
-    def run_tag(self) -> str:
-        return "default"
 
     @property
     def mode(self) -> Optional[str]:

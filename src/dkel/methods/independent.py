@@ -30,4 +30,4 @@ class Independent(Method):
         return {"peer": peer_names("peer", self.setup.peers)}
 
     def deploy(self) -> nn.Module:
-        return self.student.deploy(0)
+        return self.student.deploy(1)

@@ -64,6 +64,7 @@ class OkddipStudent(nn.Module):
         return OkddipOutputs(peers, out.logits[-1], attention_targets(logits, alpha), alpha)
 
     def deploy(self, tail: int) -> nn.Module:
+        """Tail `tail` (1-based; the last one is the leader) as a plain network."""
         return self.net.deploy(tail)
 
 
@@ -111,4 +112,4 @@ class OKDDip(Baseline):
         return {"peer": peer_names("peer", self.auxiliary)}
 
     def deploy(self) -> nn.Module:
-        return self.student.deploy(self.student.net.peers - 1)
+        return self.student.deploy(self.student.net.peers)

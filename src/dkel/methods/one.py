@@ -48,7 +48,7 @@ class OneStudent(nn.Module):
         gate = self.gate(self.pooled_trunk(out))
         return out._replace(ensemble=gated_ensemble(out.logits, gate))
 
-    def deploy(self, peer: int = 0) -> nn.Module:
+    def deploy(self, peer: int = 1) -> nn.Module:
         return self.net.deploy(peer)
 
 

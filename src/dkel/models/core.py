@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..losses import scale_grad
 
 
@@ -67,6 +68,13 @@ def views_of(x: Tensor, views: int) -> list[Tensor]:
     return list(x.unbind(0))
 
 
+def peer_index(peer: int, peers: int) -> int:
+    """0-based index of the 1-based peer number `peer`, with a clear error when out of range."""
+    if isinstance(peer, bool) or not isinstance(peer, int) or not 1 <= peer <= peers:
+        raise ConfigError(f"peer must be an integer in 1..{peers} (peers are numbered from 1), got {peer!r}")
+    return peer - 1
+
+
 class Branched(nn.Module):
     """One trunk, tails with independent weights, optional peer-ensemble head.
 
@@ -107,9 +115,9 @@ class Branched(nn.Module):
         clone.head = None
         return clone
 
-    def deploy(self, peer: int = 0) -> SingleNet:
-        """A plain network whose outputs equal peer `peer`'s."""
-        return SingleNet(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer]))
+    def deploy(self, peer: int = 1) -> SingleNet:
+        """A plain network whose outputs equal peer `peer`'s (1-based, like every peer number a user sees)."""
+        return SingleNet(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer_index(peer, self.peers)]))
 
 
 class Cohort(nn.Module):
@@ -133,5 +141,6 @@ class Cohort(nn.Module):
         features = torch.stack([o[1] for o in outs])
         return PeerOutputs(logits, features, None, None)
 
-    def deploy(self, peer: int = 0) -> SingleNet:
-        return copy.deepcopy(self.nets[peer])
+    def deploy(self, peer: int = 1) -> SingleNet:
+        """Peer `peer` (1-based) as a plain network."""
+        return copy.deepcopy(self.nets[peer_index(peer, self.peers)])
