@@ -459,6 +459,16 @@ def test_table_one_configs(method):
             assert (cfg.epochs, list(cfg.milestones)) == full
 
 
+@pytest.mark.parametrize("method", ["independent", "dml", "one", "okddip", "kdcl", "pcl", "dkel"])
+def test_imagenet_configs(method):
+    path = REPO / "configs" / "imagenet" / f"{method}_resnet18.yaml"
+    cfg = resolve([(str(path), load_yaml(path))], method_configs())
+    METHODS.get(method).check(cfg)
+    assert (cfg.method, cfg.model, cfg.dataset) == (method, "resnet18_imagenet", "imagenet")
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (256, 0.1, 0.9, True, 1e-4)
+    assert (cfg.schedule, cfg.epochs, list(cfg.milestones)) == ("multistep", 90, [30, 60])
+
+
 # ----------------------------------------------------------------------------- switches to the authors' code
 @pytest.mark.parametrize("method", ["cl", "one", "okddip"])
 def test_shared_view_is_per_peer_training_on_copies_of_one_view(method):
@@ -485,7 +495,7 @@ def test_shared_view_reaches_the_loader():
     rt = runtime.setup("cpu", "fp32", False)
     built = build_run(resolve([("test", {"method": "one", "views": "shared", "train_subset": 100,
                                          "progress": "none"})], method_configs()), rt)
-    views, _ = next(iter(built.loader))
+    views, _ = next(built.data.train_batches(0))
     assert views.shape[0] == 1
 
 

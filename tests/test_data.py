@@ -235,14 +235,14 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
     write_image_folder(root)
     cache = tmp_path / "cache"
     first = load_dataset("imagefolder", str(root), cache_dir=str(cache))
-    files = list(cache.glob("imagefolder-*.pt"))
+    files = list(cache.glob("imagefolder-*/meta.json"))
     assert len(files) == 1
-    from dkel.data import sources
+    from dkel.data import samples
 
     def fail(*a, **k):
         raise AssertionError("decoded again although the cache is fresh")
 
-    monkeypatch.setattr(sources, "decode_images", fail)
+    monkeypatch.setattr(samples, "decode_file", fail)
     again = load_dataset("imagefolder", str(root), cache_dir=str(cache))
     assert torch.equal(first.train_images, again.train_images)
     monkeypatch.undo()

@@ -17,6 +17,14 @@ SPEC_COUNTS = {
 }
 
 
+# ImageNet ResNets with 1000 classes: trunk, one tail, ensemble head, student total, deploy; the deployed
+# network has torchvision's parameter count (11,689,512 and 21,797,672)
+IMAGENET_COUNTS = {
+    "resnet18_imagenet": (2_782_784, 8_906_728, 1_537_000, 31_039_968, 11_689_512),
+    "resnet34_imagenet": (8_170_304, 13_627_368, 1_537_000, 50_589_408, 21_797_672),
+}
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -27,6 +35,19 @@ def test_parameter_counts_equal_spec(name, classes):
     got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(1)))
     assert got == SPEC_COUNTS[name, classes]
     assert count(models.create(name, classes)) == SPEC_COUNTS[name, classes][4]
+
+
+@pytest.mark.parametrize("name", list(IMAGENET_COUNTS))
+def test_imagenet_resnet_parameter_counts(name):
+    import torchvision
+
+    net = models.create_branched(name, 1000, peers=3, ensemble_head=True)
+    got = (count(net.trunk), count(net.tails[0]), count(net.head), count(net), count(net.deploy(1)))
+    assert got == IMAGENET_COUNTS[name]
+    reference = getattr(torchvision.models, name.split("_")[0])(num_classes=1000)
+    assert count(models.create(name, 1000)) == count(reference)
+    # the max-pool halves the stem's output: 224 -> 112 (stem) -> 56 (pool), as torchvision's layer1 sees it
+    assert net.trunk[:4](torch.zeros(1, 3, 224, 224)).shape[-1] == 56
 
 
 @pytest.mark.parametrize("name", MODELS.names())

@@ -72,8 +72,9 @@ def add_train(sub) -> None:
 
 
 def train_config(args) -> Any:
-    from .config import load_yaml, resolve
+    from .config import load_yaml
     from .methods import method_configs
+    from .run import resolve_run
 
     flags = {k: v for k, v in vars(args).items()
              if v is not None and (k in TRAIN_FLAGS or k in ("download", "teacher_init", "compile"))}
@@ -91,7 +92,7 @@ def train_config(args) -> Any:
     configs = method_configs()
     if method in configs:
         check_method_flags(flags, method, configs)
-    return resolve(layers, configs)
+    return resolve_run(layers, args.imports or [])
 
 
 def check_method_flags(flags: dict[str, Any], method: str, configs: dict[str, type]) -> None:
@@ -125,13 +126,16 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .engine import evaluate_run
+    from .engine import TOP5, evaluate_run
 
     acc, deploy = evaluate_run(args.run_dir, args.checkpoint, args.device)
-    print("| output | top-1 |\n|---|---|")
+    print("| output | top-1 | top-5 |\n|---|---|---|")
     for name, value in acc.items():
+        if name.endswith(TOP5):
+            continue
         mark = " (deploy_acc)" if name == deploy else ""
-        print(f"| {name}{mark} | {value * 100:.2f} |")
+        top5 = acc.get(name + TOP5)
+        print(f"| {name}{mark} | {value * 100:.2f} | {'' if top5 is None else f'{top5 * 100:.2f}'} |")
 
 
 def add_export(sub) -> None:
@@ -309,6 +313,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="command")
     for add, _ in COMMANDS.values():
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--import", dest="imports", action="append", metavar="MODULE_OR_FILE",
+                             help="import a plugin (a module or a .py file registering models, datasets or "
+                                  "methods) first; repeatable; a run records it for later commands")
     return p
 
 
@@ -348,6 +356,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        from . import plugins
+
+        plugins.activate(args.imports or [])
         COMMANDS[args.command][1](args)
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)

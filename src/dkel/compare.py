@@ -51,7 +51,7 @@ values). A key applies only to the methods that have it."""
 
 # keys that choose how a run executes, not what it computes: ignored when comparing configs
 EXECUTION_KEYS = {"device", "threads", "progress", "compile", "compile_mode", "data_dir", "cache_dir", "download", "tensorboard",
-                  "eval_batch_size", "channels_last"}
+                  "eval_batch_size", "channels_last", "data_backend", "num_workers"}
 GRID_KEYS = {"method", "model", "dataset", "seed", "runs_dir", "out"}
 PEER_SUFFIX = re.compile(r"\d+$")
 
@@ -674,6 +674,12 @@ def compare_command(args) -> None:
     fixed, sweeps = parse_grid_overrides(args.overrides)
     if args.epochs is not None:
         fixed["epochs"] = args.epochs
+    from . import plugins
+
+    imports = plugins.activate([*(args.imports or []), *plugins.imports_in([(str(args.config), file_values),
+                                                                            ("overrides", fixed)])])
+    if imports:  # the workers (`python -m dkel train`) import them again from their key=value
+        fixed["imports"] = imports
     execution: dict[str, Any] = {}
     threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
     if threads and "threads" not in fixed:

@@ -20,8 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 SCHEDULES = ("cosine", "multistep")
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
+DATA_BACKENDS = ("auto", "resident", "stream")
+RECIPES = ("auto", "cifar", "imagenet")
+ON_BAD_IMAGE = ("error", "skip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -36,17 +40,29 @@ class TrainConfig:
     image_size: Optional[int] = None  # resize image files to this square size
     train_subset: Optional[int] = None  # class-balanced subset of the training split
     cache_dir: Optional[str] = None  # decoded-dataset cache (default ~/.cache/dkel)
+    # resident: decoded data on the device; stream: read by loader workers as training goes;
+    # auto: resident when the decoded data fits comfortably (the choice is logged and recorded)
+    data_backend: str = "auto"
+    recipe: str = "auto"  # augmentation: auto (the dataset's) | cifar | imagenet
+    num_workers: Optional[int] = None  # stream loader processes per training process (default: from the CPUs)
+    on_bad_image: str = "error"  # error | skip (skipped images are logged and listed in results.json)
     peers: int = 3
     # recipe (SPEC section 6)
     epochs: int = 30
     batch_size: int = 128  # global batch, split across processes
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
+    optimizer: str = "sgd"  # sgd | adamw
     weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
     schedule: str = "cosine"  # cosine | multistep
     milestones: list[int] = field(default_factory=lambda: [150, 225])  # multistep, in epochs
     gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate over the first epochs (by step)
+    label_smoothing: float = 0.0  # of every cross-entropy term against the labels
+    grad_clip: Optional[float] = None  # clip the gradient's global norm to this
     # "auto" scales ramp-up, decay and EMA horizons by epochs / paper_epochs (exactly 1 at the
     # paper's length, whatever the batch size, subset or processes); a number scales them by it
     time_scale: Union[str, int, float] = "auto"
@@ -67,6 +83,8 @@ class TrainConfig:
     # stop when every step of an epoch has a loss above divergence_factor x the run's first loss
     divergence_check: bool = True
     divergence_factor: float = 10.0
+    # plugins: modules or .py files imported before anything is built (recorded, re-imported by eval/export)
+    imports: list[str] = field(default_factory=list)
     # output
     out: Optional[str] = None  # exact run folder; default runs/<dataset>/<method>-<model>/<name>-seed<k>
     runs_dir: str = "runs"
@@ -175,11 +193,23 @@ def validate(cfg: Any) -> Any:
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    need(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), f"betas must be two numbers in [0, 1), got {cfg.betas}")
+    need(cfg.eps > 0, f"eps must be > 0, got {cfg.eps}")
+    need(cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    need(0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(cfg.grad_clip is None or cfg.grad_clip > 0, f"grad_clip must be > 0 (or null), got {cfg.grad_clip}")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     need(cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     need(cfg.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {cfg.progress!r}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"train_subset must be >= 1, got {cfg.train_subset}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.data_backend in DATA_BACKENDS,
+         f"data_backend must be one of {', '.join(DATA_BACKENDS)}, got {cfg.data_backend!r}")
+    need(cfg.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    need(cfg.on_bad_image in ON_BAD_IMAGE,
+         f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
+    need(cfg.num_workers is None or cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     need(cfg.divergence_factor > 1, f"divergence_factor must be > 1, got {cfg.divergence_factor}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")

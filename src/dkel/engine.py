@@ -29,7 +29,8 @@ from torch import nn
 
 from . import __version__, files, runtime
 from .config import RESUMABLE_KEYS, TimeScale, to_dict
-from .data import ImageData, ViewLoader, eval_batches, load_dataset
+from .data.backend import DataBackend, open_backend
+from .losses import label_smoothing
 from .errors import ConfigError, DataError, DkelError, RunFolderError, Terminated, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import MODELS
@@ -44,13 +45,12 @@ CHECKPOINT_FORMAT = 2
 # ----------------------------------------------------------------------------- building
 @dataclass
 class Built:
-    data: ImageData
-    loader: ViewLoader
+    data: DataBackend
     method: Method
 
 
 def build(cfg: Any, rt: runtime.Runtime) -> Built:
-    """Data on the device, its loader, and the method's modules."""
+    """The data backend over `cfg.dataset` and the method's modules."""
     cls = METHODS.get(cfg.method)
     MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
     if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
@@ -58,54 +58,63 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     if cfg.peers < cls.min_peers:
         raise DkelError(f"method {cfg.method} needs peers >= {cls.min_peers}, got {cfg.peers}")
     cls.check(cfg)
-    if rt.main:  # rank 0 decodes and caches first; the others then read the cache
-        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
-                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
-    rt.barrier()
-    if not rt.main:
-        data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
-                            train_subset=cfg.train_subset, cache_dir=cfg.cache_dir)
     if cfg.batch_size % rt.world:
         raise DkelError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world} processes")
-    data.to(rt.device)
-    loader = ViewLoader(data.train_images, data.train_labels, batch_size=cfg.batch_size,
-                        views=cls.view_count(cfg), pad=data.pad, flip=data.flip,
-                        mean=data.mean, std=data.std, seed=cfg.seed, rank=rt.rank, world=rt.world,
-                        channels_last=rt.channels_last)
-    if len(loader) == 0:
-        raise DkelError(f"{len(data.train_labels)} training images make no batch of at least 2 per process")
-    spec = data.spec
+    views = cls.view_count(cfg)
+
+    def open_data(download: bool) -> DataBackend:
+        return open_backend(cfg, views=views, device=rt.device, rank=rt.rank, world=rt.world,
+                            channels_last=rt.channels_last, download=download)
+
+    if rt.main:  # rank 0 decodes and caches first (and picks the backend); the others then follow
+        data = open_data(cfg.download)
+    # every process takes rank 0's backend, and config.yaml records it: a resume elsewhere makes the same
+    cfg.data_backend = rank0_decides(data.kind if rt.main else None, rt)
+    if not rt.main:
+        data = open_data(False)
+    if data.steps() == 0:
+        raise DkelError(f"{data.train_size} training images make no batch of at least 2 per process")
+    if data.test_size < rt.world:
+        raise DkelError(f"{data.test_size} test images cannot be shared by {rt.world} processes")
     # counted as one process would, so the time constants do not depend on the number of processes
-    steps_per_epoch = len(loader.unsharded())
+    steps_per_epoch = data.steps(world=1)
     time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch,
-                                   spec.paper_epochs if cfg.paper_epochs is None else cfg.paper_epochs)
+                                   data.paper_epochs if cfg.paper_epochs is None else cfg.paper_epochs)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
-    return Built(data, loader, method)
+    return Built(data, method)
 
 
 PROBE_SIZE = 64  # images in the fixed batch the methods' end-of-epoch instruments measure on
-PROBE_EPOCH = -1_000_000  # a draw of the loader that training and teacher initialisation never use
 
 
-def probe_batch(loader: ViewLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """A small fixed batch of training views (the same every epoch, on every process)."""
-    views, labels = next(loader.unsharded().stream(PROBE_EPOCH))
+def probe_batch(data: DataBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small fixed batch of training views, the same every epoch and on every process: the start
+    of the unsharded stream that training never draws from."""
+    views, labels = next(data.prepare_batches())
     return views[:, :PROBE_SIZE], labels[:PROBE_SIZE]
 
 
-def lr_at(cfg: Any, epoch: float) -> float:
+def lr_at(cfg: Any, epoch: float, steps_per_epoch: int) -> float:
     """The learning rate at a (fractional) epoch: a pure function, so nothing to checkpoint and
-    the same schedule whatever the number of processes."""
+    the same schedule whatever the number of processes.  A warm-up multiplies the schedule by
+    (steps taken including this one) / (warm-up steps) until that reaches 1."""
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
-    return cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, cfg.epochs) / cfg.epochs))
+    else:
+        lr = cfg.lr * cfg.gamma ** sum(int(epoch) >= m for m in cfg.milestones)
+    if cfg.warmup_epochs > 0:
+        lr *= min(1.0, (round(epoch * steps_per_epoch) + 1) / (cfg.warmup_epochs * steps_per_epoch))
+    return lr
 
 
 def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimizer:
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, **kind)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
@@ -132,11 +141,14 @@ class Stepper:
     def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, fraction: float = 0.0):
         """One step at `epoch` + `fraction` of it (which sets the learning rate)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, epoch + fraction)
+            group["lr"] = lr_at(self.cfg, epoch + fraction, self.method.setup.steps_per_epoch)
         with self.rt.autocast():
             out = self.method.losses(views, labels, epoch + fraction)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.student.parameters(), self.cfg.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(self.step)
@@ -204,31 +216,48 @@ class EpochMeter:
 
 
 # ----------------------------------------------------------------------------- evaluation
+TOP5 = "_top5"  # suffix of an output's top-5 accuracy (top-1 keeps the plain name)
+
+
 @torch.no_grad()
-def evaluate(method: Method, data: ImageData, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
-    """Top-1 accuracy of every reported output, exact across processes, plus group means/maxima."""
+def evaluate(method: Method, data: DataBackend, rt: runtime.Runtime, batch_size: int) -> dict[str, float]:
+    """Top-1 (`<output>`) and top-5 (`<output>_top5`) accuracy of every reported output, exact across
+    processes, plus group means/maxima."""
     was_training = method.training
     method.eval()
     correct: Optional[torch.Tensor] = None
+    seen = 0
     names: list[str] = []
-    for x, y in eval_batches(data.test_images, data.test_labels, batch_size=batch_size, mean=data.mean,
-                             std=data.std, rank=rt.rank, world=rt.world, channels_last=rt.channels_last):
+    for x, y in data.eval_batches(batch_size):
         with rt.autocast():
             outs = method.eval_logits(x)
         names = list(outs)
-        hits = torch.stack([(logits.argmax(-1) == y).sum() for logits in outs.values()])
+        hits = torch.stack([hits_at(logits, y) for logits in outs.values()])  # [outputs, 2]
         correct = hits if correct is None else correct + hits
-    counts = torch.cat([correct.double(), torch.tensor([0.0], device=correct.device, dtype=torch.float64)])
-    counts[-1] = len(range(rt.rank, len(data.test_labels), rt.world))
+        seen += len(y)  # images actually evaluated: none padded, unreadable ones (on_bad_image=skip) left out
+    if correct is None:
+        raise DkelError(f"process {rt.rank} has no readable test image to evaluate")
+    counts = torch.cat([correct.double().T.flatten(),
+                        torch.tensor([float(seen)], device=correct.device, dtype=torch.float64)])
     if rt.distributed:
         dist.all_reduce(counts)
-    acc = dict(zip(names, (counts[:-1] / counts[-1]).tolist()))
-    for group, members in method.peer_groups().items():
-        values = [acc[m] for m in members]
-        acc[f"{group}_mean"] = sum(values) / len(values)
-        acc[f"{group}_max"] = max(values)
+    rates = (counts[:-1] / counts[-1]).tolist()
+    acc: dict[str, float] = {}
+    for suffix, values in (("", rates[:len(names)]), (TOP5, rates[len(names):])):
+        one = dict(zip(names, values))
+        for group, members in method.peer_groups().items():
+            one[f"{group}_mean"] = sum(one[m] for m in members) / len(members)
+            one[f"{group}_max"] = max(one[m] for m in members)
+        acc.update({name + suffix: value for name, value in one.items()})
     method.train(was_training)
     return acc
+
+
+def hits_at(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits] of a batch (top-k with k = min(5, classes))."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    match = top == labels[:, None]
+    return torch.stack([match[:, 0].sum(), match.any(-1).sum()])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -277,13 +306,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def data_info(data: ImageData) -> dict[str, Any]:
+def data_info(data: DataBackend) -> dict[str, Any]:
     """What a deployed network needs to know about its inputs, and what identifies the data."""
     return {"dataset": data.name, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
             "in_channels": data.in_channels, "image_size": data.image_size, "fingerprint": data.fingerprint}
 
 
-def check_same_data(recorded: dict[str, Any], data: ImageData, action: str) -> None:
+def check_same_data(recorded: dict[str, Any], data: DataBackend, action: str) -> None:
     """Refuse data whose classes differ from the run's; warn when only the files differ."""
     old, new = list(recorded.get("classes") or []), list(data.classes)
     if old and old != new:
@@ -297,15 +326,14 @@ def check_same_data(recorded: dict[str, Any], data: ImageData, action: str) -> N
 
 def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     """(config, method with the checkpoint's weights in eval mode, checkpoint, runtime) of a run folder."""
-    from .config import resolve
-    from .methods import method_configs
+    from .run import resolve_run
 
     folder = RunFolder(Path(run_dir)).require_run()
     path = folder.best if which == "best" else folder.last
     if not path.is_file():
         raise DkelError(f"{run_dir} has no checkpoints/{path.name} yet (no epoch has finished)")
     ckpt = load_checkpoint(path)
-    cfg = resolve([(str(folder.config), folder.effective_config())], method_configs())
+    cfg = resolve_run([(str(folder.config), folder.effective_config())])
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale.from_dict(ckpt["setup"]["time"])})
@@ -326,10 +354,12 @@ def load_state(module: Any, state: dict[str, Any], path: Path) -> None:
 
 def evaluate_run(run_dir: Path, which: str = "last", device: str = "auto") -> tuple[dict[str, float], str]:
     cfg, method, ckpt, rt = restore(run_dir, which, device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
-    check_same_data(ckpt["data"], data, "evaluating it")
-    data.to(rt.device)
-    return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
+    data = open_backend(cfg, views=1, device=rt.device, channels_last=rt.channels_last)
+    try:
+        check_same_data(ckpt["data"], data, "evaluating it")
+        return evaluate(method, data, rt, cfg.eval_batch_size), method.deploy_metric
+    finally:
+        data.close()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -483,7 +513,8 @@ def train(cfg: Any, *, resume: Optional[Path] = None, overwrite: bool = False) -
             session.lock = on_main(rt, lambda: open_fresh(folder, overwrite))
         on_main(rt, lambda: start_writing(session, cfg, rt, changes, resume is not None))
         rt.barrier()
-        return _train(cfg, rt, built, stepper, session, ckpt)
+        with label_smoothing(cfg.label_smoothing):
+            return _train(cfg, rt, built, stepper, session, ckpt)
     except TrainingStopped as e:
         session.note(logging.ERROR, f"stopped: {e}")
         raise
@@ -567,7 +598,7 @@ def rank0_decides(value: Any, rt: runtime.Runtime) -> Any:
 
 
 def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> dict[str, Any]:
-    data, loader, method, folder = built.data, built.loader, built.method, session.folder
+    data, method, folder = built.data, built.method, session.folder
     history: list[dict[str, Any]] = []
     best = {"acc": -1.0, "epoch": None}
     start_epoch = 0
@@ -579,7 +610,7 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         log.info("resuming %s after epoch %d", folder.root, ckpt["epoch"] + 1)
     else:
         # every process prepares on the same full batches, so all end up identical
-        method.prepare(loader.unsharded().stream(-1))
+        method.prepare(data.prepare_batches())
         if rt.distributed:
             for tensor in method.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -594,21 +625,21 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
     consts = method.time_constants()
     if rt.main:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",
-                 folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, len(data.train_labels),
-                 len(data.test_labels), len(loader), f" | time constants {consts}" if consts else "")
+                 folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, data.train_size,
+                 data.test_size, data.steps(), f" | time constants {consts}" if consts else "")
         for warning in method.warnings():
             log.warning("warning: %s", warning)
-    probe = probe_batch(loader)
+    probe = probe_batch(data)
     tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
     for epoch in range(start_epoch, cfg.epochs):
         method.train()
-        loader.set_epoch(epoch)
-        progress = Progress(cfg.progress if rt.main else "none", len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        steps = data.steps()
+        progress = Progress(cfg.progress if rt.main else "none", steps, f"epoch {epoch + 1}/{cfg.epochs}")
         meter = EpochMeter(rt.device)
         t0 = time.perf_counter()
         try:
-            for views, labels in loader:
-                out = stepper(views, labels, epoch, meter.steps / len(loader))
+            for views, labels in data.train_batches(epoch):
+                out = stepper(views, labels, epoch, meter.steps / steps)
                 meter.add(out, labels)
                 if reference is None:
                     reference = first_loss(out.losses["loss"], rt)
@@ -623,15 +654,17 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         train_time = time.perf_counter() - t0
         check_finite(meter.sums["loss"], rt, epoch, stepper.step, session)
         check_divergence(cfg, meter, reference, rt, epoch, session)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), **meter.row(rt)}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, method.setup.steps_per_epoch),
+                               **meter.row(rt)}
         row.update(method.epoch_diagnostics(probe, epoch + (meter.steps - 1) / meter.steps))
         if rt.distributed:
             sync_buffers(method)
         acc = evaluate(method, data, rt, cfg.eval_batch_size)
         row.update({f"test_{k}": v for k, v in acc.items()})
         row["deploy_acc"] = acc[method.deploy_metric]
+        row["deploy_top5"] = acc[method.deploy_metric + TOP5]
         row["epoch_time_s"] = train_time
-        row["img_per_s"] = len(loader.labels) / train_time
+        row["img_per_s"] = data.train_size / train_time
         history.append(row)
         improved = row["deploy_acc"] > best["acc"]
         if improved:
@@ -657,6 +690,9 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         if collapse:
             raise TrainingStopped(f"{collapse} at epoch {epoch + 1}; stopped, state kept in {folder.last}")
     results = summarize(cfg, method, history, best, rt)
+    if data.skipped:
+        results["skipped_images"] = list(data.skipped)
+        log.warning("%d unreadable images were skipped: %s", len(data.skipped), ", ".join(data.skipped[:5]))
     if rt.distributed:
         results["ranks_identical"] = ranks_identical(method, rt.world)
         if not results["ranks_identical"]:
@@ -701,12 +737,14 @@ def collapsed(row: dict[str, Any], num_classes: int) -> Optional[str]:
 
 def summarize(cfg, method: Method, history, best, rt) -> dict[str, Any]:
     last = history[-1]
-    metrics = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    tested = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    metrics = {k: v for k, v in tested.items() if not k.endswith(TOP5)}
+    top5 = {k[:-len(TOP5)]: v for k, v in tested.items() if k.endswith(TOP5)}
     return {"method": cfg.method, "mode": method.mode, "model": cfg.model, "dataset": cfg.dataset,
             "seed": cfg.seed, "epochs": cfg.epochs, "peers": cfg.peers, "world_size": rt.world,
             "train_subset": cfg.train_subset, "deploy_output": method.deploy_metric,
-            "deploy_acc": last["deploy_acc"], "best_deploy_acc": best["acc"], "best_epoch": best["epoch"],
-            "metrics": metrics, "time_constants": method.time_constants(),
+            "deploy_acc": last["deploy_acc"], "deploy_top5": last["deploy_top5"], "best_deploy_acc": best["acc"],
+            "best_epoch": best["epoch"], "metrics": metrics, "metrics_top5": top5, "time_constants": method.time_constants(),
             "train_time_s": sum(r["epoch_time_s"] for r in history)}
 
 

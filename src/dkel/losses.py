@@ -4,8 +4,10 @@ Conventions: logits of K peers come as one [K, B, C] tensor or a sequence of K [
 tensors; distillation targets are detached and every KL is computed in float32."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,19 @@ DECAYS = ("exp", "cos", "linear", "none", "const")
 MODES = ("paper", "reference")
 REFERENCE_LAMBDA = 0.1  # the released code calls its ramp with lambd=0.1 ...
 REFERENCE_CUTOFF = 0.01  # ... and zeroes the ensemble weight once it is <= 0.01
+# label smoothing is part of the recipe, not of a method: the engine sets it around training, and
+# every cross-entropy against the labels (whichever method computes it) uses it
+_LABEL_SMOOTHING = contextvars.ContextVar("label_smoothing", default=0.0)
+
+
+@contextlib.contextmanager
+def label_smoothing(epsilon: float) -> Iterator[None]:
+    """Within the block, `cross_entropy` smooths the labels by `epsilon`."""
+    token = _LABEL_SMOOTHING.set(float(epsilon))
+    try:
+        yield
+    finally:
+        _LABEL_SMOOTHING.reset(token)
 
 
 def stack(logits: Logits) -> Tensor:
@@ -62,10 +77,11 @@ def decay_weight(epoch: float, kind: str = "exp", beta: float = 0.5, horizon: fl
 def cross_entropy(logits: Logits, targets: Tensor) -> Tensor:
     """Cross-entropy summed over peers ([K, B, C]) or of one head ([B, C]), batch-mean."""
     z = stack(logits)
+    smoothing = _LABEL_SMOOTHING.get()
     if z.dim() == 2:
-        return F.cross_entropy(full(z), targets)
+        return F.cross_entropy(full(z), targets, label_smoothing=smoothing)
     k = z.shape[0]
-    return F.cross_entropy(full(z.flatten(0, 1)), targets.repeat(k)) * k
+    return F.cross_entropy(full(z.flatten(0, 1)), targets.repeat(k), label_smoothing=smoothing) * k
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0,

@@ -1,14 +1,15 @@
-"""Tensor-resident batches of K augmented views.
+"""Tensor-resident batches of K augmented views (the resident backend's loader).
 
-The whole uint8 image set lives on the training device.  Each epoch draws its
-permutation, crop offsets and flips up front from a generator seeded by (seed, epoch),
-so an epoch is reproducible on its own (exact resume) and independent of how many
-processes share it; each batch is then one gather on the device."""
+The whole uint8 image set lives on the training device.  Each epoch's permutation comes from a
+generator seeded by (seed, epoch), and so, for the cifar recipe, do its crop offsets and flips,
+drawn up front; the imagenet recipe's crops come from the recipe's per-sample function.  An epoch
+is therefore reproducible on its own (exact resume) and independent of how many processes share
+it; each batch is then one gather (cifar) or one roi_align (imagenet) on the device."""
 from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,23 @@ from torch import Tensor
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
+    """The order of an epoch, the same for every backend and recipe."""
+    return torch.randperm(n, generator=epoch_generator(seed, epoch))
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """Global batches of an epoch; a final one too small for BatchNorm (< 2 per process) is dropped."""
+    full = math.ceil(n / batch_size)
+    last = n - (full - 1) * batch_size
+    return full - (1 if last // world < 2 else 0)
+
+
+def shard(batch: int, batch_size: int, n: int, rank: int, world: int) -> range:
+    """Positions in the epoch's order that process `rank` takes of global batch `batch`."""
+    return range(batch * batch_size + rank, min((batch + 1) * batch_size, n), world)
 
 
 def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int,
@@ -92,15 +110,12 @@ class ViewLoader:
 
     @property
     def num_batches(self) -> int:
-        n = len(self.labels)
-        full = math.ceil(n / self.batch_size)
-        last = n - (full - 1) * self.batch_size
-        return full - (1 if last // self.world < 2 else 0)
+        return batches_per_epoch(len(self.labels), self.batch_size, self.world)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def draw(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def draw(self, epoch: int) -> tuple[Tensor, ...]:
         """The epoch's permutation, crop offsets [N, K] x2 and flips [N, K]."""
         g = epoch_generator(self.seed, epoch)
         n, k = len(self.labels), self.views
@@ -110,22 +125,47 @@ class ViewLoader:
         dev = self.images.device
         return perm.to(dev), offsets[0].to(dev), offsets[1].to(dev), flips.to(dev)
 
+    def augment(self, epoch: int, pos: Tensor, idx: Tensor, drawn: tuple[Tensor, ...]) -> Tensor:
+        """Views [K, B, C, H, W] of images `idx`, at positions `pos` of the epoch's order."""
+        _, top, left, flips = drawn
+        return crop_flip(self.images[idx], top[pos].T, left[pos].T, flips[pos].T, self.pad, self.channels_last)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        perm, top, left, flips = self.draw(self.epoch)
+        epoch = self.epoch
+        drawn = self.draw(epoch)
+        perm = drawn[0]
         for i in range(self.num_batches):
             pos = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(perm)),
                                device=perm.device)[self.rank::self.world]
             idx = perm[pos]
-            views = crop_flip(self.images[idx], top[pos].T, left[pos].T, flips[pos].T, self.pad,
-                              self.channels_last)
-            yield self.normalize(views), self.labels[idx]
+            yield self.normalize(self.augment(epoch, pos, idx, drawn)), self.labels[idx]
+
+
+class ResizedCropLoader(ViewLoader):
+    """The imagenet recipe on stored square images: each view's RandomResizedCrop and flip come from
+    the recipe's pure function of (seed, epoch, index, view), as in the stream backend."""
+
+    def __init__(self, images: Tensor, labels: Tensor, *, recipe, **kw):
+        super().__init__(images, labels, pad=0, flip=recipe.flip, **kw)
+        self.recipe = recipe
+
+    def draw(self, epoch: int) -> tuple[Tensor, ...]:
+        perm = epoch_permutation(self.seed, epoch, len(self.labels))
+        return perm.to(self.images.device), perm
+
+    def augment(self, epoch: int, pos: Tensor, idx: Tensor, drawn: tuple[Tensor, ...]) -> Tensor:
+        index = drawn[1][pos.cpu()].numpy()
+        u = self.recipe.params(self.seed, epoch, index, self.views)  # [B, K, slots]
+        return self.recipe.resized_crops(self.images[idx], u, self.channels_last)
 
 
 def eval_batches(images: Tensor, labels: Tensor, *, batch_size: int, mean, std, rank: int = 0,
-                 world: int = 1, channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Un-augmented test batches; process r takes samples r, r+world, ... (no padding)."""
+                 world: int = 1, channels_last: bool = False,
+                 crop: Callable[[Tensor], Tensor] = lambda x: x) -> Iterator[tuple[Tensor, Tensor]]:
+    """Un-augmented test batches (`crop`: the recipe's evaluation crop of stored images); process r
+    takes samples r, r+world, ... (no padding)."""
     normalize = Normalize(mean, std, images.device)
     idx_all = torch.arange(rank, len(labels), world, device=images.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for chunk in idx_all.split(batch_size):
-        yield normalize(images[chunk]).contiguous(memory_format=fmt), labels[chunk]
+        yield normalize(crop(images[chunk])).contiguous(memory_format=fmt), labels[chunk]

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .core import Backbone, Branched, Cohort, PeerOutputs, SingleNet, Tail
 from .densenet import densenet_bc
-from .resnet import CIFAR_RESNETS, TINY_RESNETS
+from .resnet import CIFAR_RESNETS, IMAGENET_RESNETS, TINY_RESNETS
 from .vgg import vgg16
 
 
@@ -37,6 +37,10 @@ MODELS.register("resnet18", "ResNet-18 for 64x64 (7x7 stride-2 stem, no max-pool
     ModelSpec(TINY_RESNETS["resnet18"], 64))
 MODELS.register("resnet34", "ResNet-34 for 64x64 (7x7 stride-2 stem, no max-pool)")(
     ModelSpec(TINY_RESNETS["resnet34"], 64))
+MODELS.register("resnet18_imagenet", "ImageNet ResNet-18 for 224x224 (7x7 stride-2 stem + max-pool)")(
+    ModelSpec(IMAGENET_RESNETS["resnet18_imagenet"], 224))
+MODELS.register("resnet34_imagenet", "ImageNet ResNet-34 for 224x224 (7x7 stride-2 stem + max-pool)")(
+    ModelSpec(IMAGENET_RESNETS["resnet34_imagenet"], 224))
 
 
 def backbone(name: str, num_classes: int, in_channels: int = 3) -> Backbone:

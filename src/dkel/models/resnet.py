@@ -1,4 +1,5 @@
-"""ResNets: the CIFAR family (3 stages, 16/32/64 planes) and ResNet-18/34 for 64x64 inputs."""
+"""ResNets: the CIFAR family (3 stages, 16/32/64 planes), ResNet-18/34 for 64x64 inputs and the
+ImageNet ResNet-18/34 (224x224: 7x7 stride-2 stem with max-pool, as torchvision's)."""
 from __future__ import annotations
 
 from functools import partial
@@ -98,6 +99,12 @@ def tiny_resnet(num_classes: int, in_channels: int = 3, *, blocks: list[int]) ->
                   planes=[64, 128, 256, 512], stem=stem)
 
 
+def imagenet_resnet(num_classes: int, in_channels: int = 3, *, blocks: list[int]) -> Backbone:
+    """ResNet-18/34 for 224x224: 7x7 stride-2 stem and 3x3 stride-2 max-pool (He et al. 2016)."""
+    stem = [*conv_bn(in_channels, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    return resnet(num_classes, block=BasicBlock, blocks=blocks, planes=[64, 128, 256, 512], stem=stem)
+
+
 CIFAR_RESNETS = {
     "resnet8": partial(cifar_resnet, blocks=1),
     "resnet14": partial(cifar_resnet, blocks=2),
@@ -109,4 +116,8 @@ CIFAR_RESNETS = {
 TINY_RESNETS = {
     "resnet18": partial(tiny_resnet, blocks=[2, 2, 2, 2]),
     "resnet34": partial(tiny_resnet, blocks=[3, 4, 6, 3]),
+}
+IMAGENET_RESNETS = {
+    "resnet18_imagenet": partial(imagenet_resnet, blocks=[2, 2, 2, 2]),
+    "resnet34_imagenet": partial(imagenet_resnet, blocks=[3, 4, 6, 3]),
 }
