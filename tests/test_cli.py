@@ -44,6 +44,14 @@ TRAIN = ["train", "--epochs", "1", "progress=none"]
     (["--batch-size", "0"], r"^error: batch_size must be >= 1, got 0"),
     (["--mode", "papr"], r"^error: mode must be one of paper, reference"),
     (["noequals"], r"^error: override 'noequals' is not key=value"),
+    (["--model", "torchvision:resnet19"], r"^error: unknown torchvision model 'resnet19' \(did you mean 'resnet18'"),
+    (["--model", "timm:no_such_net"], r"^error: unknown timm model 'no_such_net'"),
+    (["--model", "torchvision:resnet18", "split=layer9"], r"^error: torchvision:resnet18 has no module 'layer9'; "
+                                                            r"pass split=NAME, .* one of: bn1, relu"),
+    (["split=layer3"], r"^error: split applies to torchvision:, timm: and imported networks"),
+    (["model=[resnet8,resnet8,resnet8]"], r"^error: model is a list of 3 networks, one per peer, which only the "
+                                          r"whole-network methods \(independent, dml, kdcl\) take"),
+    (["--method", "dml", "model=[resnet8,resnet8]"], r"^error: model lists 2 networks for peers=3"),
 ])
 def test_bad_configuration(capsys, tmp_path, args, pattern):
     fails(capsys, TRAIN + ["--out", str(tmp_path / "r")] + args, pattern)

@@ -15,7 +15,8 @@ from .errors import ConfigError, DkelError, Terminated, TrainingStopped
 # flags that set a config key of the same name (method-specific ones are checked against the method)
 TRAIN_FLAGS = {
     "method": (str, "method to train (see `dkel list`)"),
-    "model": (str, "backbone (see `dkel list`)"),
+    "model": (str, "backbone: a zoo name (see `dkel list`), torchvision:NAME, timm:NAME or module:attribute; "
+                   "whole-network methods also take model=[a,b,...], one per peer"),
     "dataset": (str, "dataset (see `dkel list`)"),
     "data_dir": (str, "folder holding the dataset (default: data/<dataset>)"),
     "epochs": (int, "training epochs"),
@@ -175,6 +176,9 @@ def cmd_list(args) -> None:
     print("\n## Models\n\n| model | input | description |\n|---|---|---|")
     for e in MODELS:
         print(f"| {e.name} | {e.obj.input_size}x{e.obj.input_size} | {e.description} |")
+    print("\nAlso any torchvision classifier as torchvision:NAME, any timm model as timm:NAME (pip install "
+          "'dkel[timm]') and your own network as module:attribute (a callable num_classes -> nn.Module); branched "
+          "methods split it where its last stage starts, or at split=MODULE.")
     print("\n## Datasets\n\n| dataset | paper_epochs (time_scale=auto) | description |\n|---|---|---|")
     for e in DATASETS:
         print(f"| {e.name} | {e.obj.paper_epochs or '— (not scaled unless set)'} | {e.description} |")

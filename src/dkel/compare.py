@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import files
+from .config import EXECUTION_KEYS
 from .errors import ConfigError, DkelError
 
 COMPARE_DESCRIPTION = """\
@@ -50,8 +51,6 @@ key=value sets a config key for every run; key=v1,v2,... sweeps it (lists in bra
 values). A key applies only to the methods that have it."""
 
 # keys that choose how a run executes, not what it computes: ignored when comparing configs
-EXECUTION_KEYS = {"device", "threads", "progress", "compile", "compile_mode", "data_dir", "cache_dir", "download", "tensorboard",
-                  "eval_batch_size", "channels_last", "data_backend", "num_workers"}
 GRID_KEYS = {"method", "model", "dataset", "seed", "runs_dir", "out"}
 PEER_SUFFIX = re.compile(r"\d+$")
 

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
@@ -33,7 +34,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     # what to train
     method: str = "dkel"
-    model: str = "resnet8"
+    # a zoo name, torchvision:NAME, timm:NAME or module:attribute (a callable num_classes -> nn.Module);
+    # whole-network methods (independent, dml, kdcl) also take a list, one per peer
+    model: Union[str, list[str]] = "resnet8"
+    split: Optional[str] = None  # branched methods: first tail module of a foreign network (default: its last stage)
     dataset: str = "digits"
     data_dir: Optional[str] = None
     download: bool = False
@@ -95,10 +99,12 @@ class TrainConfig:
 
 # keys that `--resume` may change (recorded in the run's sessions.jsonl); every other key defines the
 # run, and a resume that changes one is refused
-RESUMABLE_KEYS = frozenset({
-    "epochs", "device", "precision", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size",
-    "progress", "tensorboard", "data_dir", "download", "cache_dir", "collapse_check", "divergence_check",
-    "divergence_factor"})
+# how a run executes, not what it computes: compare ignores them when matching configs
+EXECUTION_KEYS = frozenset({
+    "device", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size", "progress",
+    "tensorboard", "data_dir", "download", "cache_dir", "data_backend", "num_workers"})
+RESUMABLE_KEYS = EXECUTION_KEYS | {"epochs", "precision", "collapse_check", "divergence_check", "divergence_factor",
+                                   "on_bad_image"}
 
 
 @dataclass
@@ -188,6 +194,10 @@ def validate(cfg: Any) -> Any:
 
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.peers >= 1, f"peers must be >= 1, got {cfg.peers}")
+    if isinstance(cfg.model, list):
+        need(len(cfg.model) == cfg.peers, f"model lists {len(cfg.model)} networks for peers={cfg.peers}; "
+                                          f"give one per peer")
+        need(cfg.split is None, "split applies to branched methods; a list of models trains whole networks")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be a positive number, got {cfg.lr}")
@@ -218,6 +228,14 @@ def validate(cfg: Any) -> Any:
          f"time_scale must be 'auto' or a positive number, got {ts!r}")
     need(cfg.paper_epochs is None or cfg.paper_epochs >= 1, f"paper_epochs must be >= 1, got {cfg.paper_epochs}")
     return cfg
+
+
+def model_slug(model: Any) -> str:
+    """A `model` (or `dataset`) key as a file name: torchvision:resnet18 -> torchvision-resnet18, a list
+    joined by '+'."""
+    names = model if isinstance(model, (list, tuple)) else [model]
+    return "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", n if isinstance(n, str) else getattr(n, "__name__", "model"))
+                    for n in names)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

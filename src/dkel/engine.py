@@ -33,7 +33,7 @@ from .data.backend import DataBackend, open_backend
 from .losses import label_smoothing
 from .errors import ConfigError, DataError, DkelError, RunFolderError, Terminated, TrainingStopped
 from .methods import METHODS, Method, Setup
-from .models import MODELS
+from .models import check_spec
 from .progress import Progress
 from .run_folder import FolderLock, RunFolder, shown
 
@@ -52,7 +52,7 @@ class Built:
 def build(cfg: Any, rt: runtime.Runtime) -> Built:
     """The data backend over `cfg.dataset` and the method's modules."""
     cls = METHODS.get(cfg.method)
-    MODELS.get(cfg.model)  # an unknown model is reported before any data is decoded
+    check_spec(cfg.model, cfg.split)  # an unknown model is reported before any data is decoded
     if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
         raise DkelError("sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
     if cfg.peers < cls.min_peers:
@@ -81,7 +81,8 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch,
                                    data.paper_epochs if cfg.paper_epochs is None else cfg.paper_epochs)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
+    setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale,
+                  split=cfg.split, image_size=data.image_size)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, method)

@@ -46,7 +46,9 @@ def export_run(run_dir: Path, fmt: str, which: str = "last", out: Optional[Path]
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net(example)
-    meta = {"model": cfg.model, "method": cfg.method, "num_classes": len(info["classes"]),
+    # the deployed peer's own specification (a mixed cohort lists several)
+    model = getattr(net, "dkel_model", cfg.model)
+    meta = {"model": model, "method": cfg.method, "num_classes": len(info["classes"]),
             "input": "float [B, C, H, W]: RGB (or gray) in [0, 1], minus mean, divided by std", **info}
     got = {"torchscript": _torchscript, "onnx": _onnx, "safetensors": _safetensors}[fmt](net, example, path, meta)
     diff = (got - expected).abs().max().item()
@@ -82,7 +84,8 @@ def _safetensors(net, example, path, meta):
 
     files.write_bytes(path, save({k: v.contiguous() for k, v in net.state_dict().items()},
                                  metadata={k: json.dumps(v) for k, v in meta.items()}))
-    fresh = models.create(meta["model"], meta["num_classes"], meta["in_channels"]).eval()
+    fresh = models.create(meta["model"], meta["num_classes"], meta["in_channels"],
+                          image_size=meta["image_size"]).eval()
     with files.guarded(path, "read"):
         fresh.load_state_dict(load(path.read_bytes()))
     with torch.no_grad():

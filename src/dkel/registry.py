@@ -51,7 +51,8 @@ class Registry(Generic[T]):
         return name in self._entries
 
 
-def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
+def unknown_name_message(kind: str, name: str, valid: list[str], listing: str = "") -> str:
+    """`listing` says where to look the names up, instead of printing them all (a long list)."""
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}"
+    return f"unknown {kind} {name!r}{hint}; " + (f"see {listing}" if listing else f"valid: {', '.join(valid)}")

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from . import files
+from .config import model_slug
 from .errors import RunFolderError
 
 MARKER = ".dkel-run"
@@ -56,7 +57,8 @@ class RunFolder:
         if cfg.out:
             return cls(Path(cfg.out))
         name = cfg.name or getattr(cfg, "mode", None) or "default"
-        return cls(Path(cfg.runs_dir) / cfg.dataset / f"{cfg.method}-{cfg.model}" / f"{name}-seed{cfg.seed}")
+        return cls(Path(cfg.runs_dir) / model_slug(cfg.dataset) / f"{cfg.method}-{model_slug(cfg.model)}"
+                   / f"{name}-seed{cfg.seed}")
 
     def is_run(self) -> bool:
         return self.config.is_file()

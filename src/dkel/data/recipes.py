@@ -18,10 +18,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 RECIPES = ("cifar", "imagenet")
+
+
+def _functional():
+    """torchvision's v2 functional transforms, imported when first used (importing them loads
+    torchvision.models, about 1.5 s, which training on the cifar recipe never needs)."""
+    import torchvision.transforms.v2.functional as functional
+
+    return functional
 ATTEMPTS = 10  # RandomResizedCrop's tries before it falls back to a centre crop
 
 
@@ -115,8 +122,8 @@ class Recipe:
         if side is None or image.shape[-2:] == (side, side):
             return image
         if min(image.shape[-2:]) != side:
-            image = TF.resize(image, side, antialias=True)
-        return TF.center_crop(image, [side, side])
+            image = _functional().resize(image, side, antialias=True)
+        return _functional().center_crop(image, [side, side])
 
     def eval_view(self, image: Tensor) -> Tensor:
         """uint8 [C, size, size]: the image as evaluation sees it."""
@@ -124,7 +131,7 @@ class Recipe:
 
     def centre(self, images: Tensor) -> Tensor:
         """The evaluation crop of stored images ([..., C, stored, stored])."""
-        return images if self.name == "cifar" else TF.center_crop(images, [self.size, self.size])
+        return images if self.name == "cifar" else _functional().center_crop(images, [self.size, self.size])
 
     def train_views(self, image: Tensor, u: np.ndarray) -> Tensor:
         """uint8 [K, C, size, size] from one decoded image and its [K, slots] uniforms."""
@@ -135,7 +142,7 @@ class Recipe:
             views = [image[:, t:t + h, l:l + w] for t, l in zip(top.tolist(), left.tolist())]
         else:
             top, left, h, w = resized_crop_boxes(u, image.shape[-2], image.shape[-1])
-            views = [TF.resize(image[:, t:t + hh, l:l + ww], [self.size, self.size], antialias=True)
+            views = [_functional().resize(image[:, t:t + hh, l:l + ww], [self.size, self.size], antialias=True)
                      for t, l, hh, ww in zip(top.tolist(), left.tolist(), h.tolist(), w.tolist())]
         flips = (u[:, -1] < 0.5) & self.flip
         return torch.stack([v.flip(-1) if f else v for v, f in zip(views, flips.tolist())])

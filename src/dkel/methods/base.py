@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import models
 from ..config import NoConfig, TimeScale
 from ..errors import ConfigError
 
@@ -20,13 +21,25 @@ from ..errors import ConfigError
 class Setup:
     """What a method is built from besides its own hyperparameters."""
 
-    model: str
+    model: Any  # a model specification (models/__init__.py), or a list of them, one per peer
     num_classes: int
     in_channels: int
     peers: int
     epochs: int
     steps_per_epoch: int
     time: TimeScale
+    split: Optional[str] = None  # first tail module of a foreign network (None: where its last stage starts)
+    image_size: Optional[int] = None  # the data's, for networks built for one input size
+
+    def branched(self, tails: int, ensemble_head: bool, **options) -> models.Branched:
+        """One trunk and `tails` tails of the run's model (options: see Branched)."""
+        return models.create_branched(self.model, self.num_classes, tails, ensemble_head, self.in_channels,
+                                      split=self.split, image_size=self.image_size, **options)
+
+    def cohort(self) -> models.Cohort:
+        """`peers` whole networks of the run's model (or one per entry of a list)."""
+        return models.create_cohort(self.model, self.num_classes, self.peers, self.in_channels,
+                                    image_size=self.image_size)
 
 
 class StepOutput(NamedTuple):

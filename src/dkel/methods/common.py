@@ -10,7 +10,6 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor, nn
 
-from .. import models
 from ..losses import sigmoid_rampup
 from ..models import Branched
 from .base import Method, named_peers, peer_names
@@ -69,13 +68,11 @@ class Baseline(Method):
 
     def branched(self, tails: int, **options) -> Branched:
         """One trunk and `tails` tails of the run's model, no ensemble head (options: see Branched)."""
-        s = self.setup
-        return models.create_branched(s.model, s.num_classes, tails, False, s.in_channels, **options)
+        return self.setup.branched(tails, False, **options)
 
     def cohort(self) -> nn.Module:
         """K independent networks of the run's model."""
-        s = self.setup
-        return models.create_cohort(s.model, s.num_classes, s.peers, s.in_channels)
+        return self.setup.cohort()
 
     def kd_weight(self, progress: float) -> float:
         """r(e) after `progress` epochs, with the ramp length scaled to this run (setup.time)."""

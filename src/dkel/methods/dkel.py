@@ -21,7 +21,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import models
 from ..config import EMA_FLOOR_FRACTION, EMA_FLOOR_STEPS
 from ..errors import ConfigError
 from ..losses import (DECAYS, MODES, cross_entropy, dkel_loss, dkel_summands, gradient_shares, kd_loss,
@@ -75,7 +74,7 @@ class DKEL(Method):
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
-        self.student = models.create_branched(setup.model, setup.num_classes, setup.peers, True, setup.in_channels)
+        self.student = setup.branched(setup.peers, True)
         # same initial weights and BN buffers as the student, but never shared with it
         self.teacher = self.student.without_head().requires_grad_(False)
         time = setup.time

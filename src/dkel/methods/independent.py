@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import models
 from ..losses import cross_entropy
 from .base import Method, StepOutput, named_peers, peer_names
 
@@ -17,7 +16,7 @@ class Independent(Method):
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
-        self.student = models.create_cohort(setup.model, setup.num_classes, setup.peers, setup.in_channels)
+        self.student = setup.cohort()
 
     def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
         logits = self.run("student", views).logits

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import gated_ensemble, one_loss
-from ..models import Branched, PeerOutputs
+from ..models import Branched, PeerOutputs, pool_trunk
 from .base import StepOutput, named_peers
 from .common import Baseline, BranchedConfig
 
@@ -40,8 +40,8 @@ class OneStudent(nn.Module):
 
     @staticmethod
     def pooled_trunk(out: PeerOutputs) -> Tensor:
-        """[B, C_trunk]: the trunk output pooled over space and averaged over the views."""
-        return torch.stack([h.mean(dim=(2, 3)) for h in out.trunk]).mean(0)
+        """[B, C_trunk]: the trunk output pooled (over space, or tokens) and averaged over the views."""
+        return torch.stack([pool_trunk(h) for h in out.trunk]).mean(0)
 
     def forward(self, x: Tensor) -> PeerOutputs:
         out = self.net(x)

@@ -2,13 +2,15 @@
 
 A backbone is split into a *trunk* (stem and every stage but the last) and a *tail*
 (last stage, global pooling, classifier).  A plain network is trunk + one tail; a
-branched model shares one trunk between K tails; a cohort is K whole networks.
+branched model shares one trunk between K tails; a cohort is K whole networks.  Where a
+backbone came from (the zoo, torchvision, timm, a user's module) is the backbone's own
+business: its `assemble` says how one trunk and one tail become the deployed network.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,14 +32,16 @@ class Tail(nn.Module):
         return self.classifier(feature), feature
 
 
-@dataclass
-class Backbone:
-    """What a model factory returns: a trunk and a way to make independent tails."""
-
-    trunk: nn.Module
-    make_tail: Callable[[], Tail]
-    feature_dim: int  # width of a tail's pooled feature
-    trunk_channels: int  # channels of the trunk's output
+def pool_trunk(h: Tensor) -> Tensor:
+    """[B, C] from a trunk output: feature maps [B, C, H, W] averaged over space, token
+    sequences [B, N, D] over the tokens, already pooled [B, C] as they are."""
+    if h.dim() == 4:
+        return h.mean(dim=(2, 3))
+    if h.dim() == 3:
+        return h.mean(dim=1)
+    if h.dim() == 2:
+        return h
+    raise ValueError(f"cannot pool a trunk output of shape {tuple(h.shape)}")
 
 
 class SingleNet(nn.Module):
@@ -52,9 +56,24 @@ class SingleNet(nn.Module):
         return self.tail(self.trunk(x))[0]
 
 
+@dataclass
+class Backbone:
+    """What a model factory returns: a trunk and a way to make independent tails.
+
+    make_tail returns a module mapping the trunk output to (logits [B, C], pooled feature [B, d]).
+    assemble(trunk, tail) is the plain network a user deploys (adapted foreign networks give
+    back their own layer names instead of SingleNet's trunk./tail.)."""
+
+    trunk: nn.Module
+    make_tail: Callable[[], nn.Module]
+    feature_dim: int  # width of a tail's pooled feature
+    trunk_channels: int  # width of the trunk's output after pool_trunk
+    assemble: Callable[[nn.Module, nn.Module], nn.Module] = SingleNet
+
+
 class PeerOutputs(NamedTuple):
     logits: Tensor  # [K, B, C]
-    features: Tensor  # [K, B, d] pooled tail features
+    features: Optional[Tensor]  # [K, B, d] pooled tail features (None: a cohort of different widths)
     ensemble: Optional[Tensor]  # [B, C] from the peer-ensemble head, if any
     trunk: Optional[list[Tensor]]  # branched models: the trunk output of each view
 
@@ -88,6 +107,7 @@ class Branched(nn.Module):
         super().__init__()
         self.trunk = backbone.trunk
         self.tails = nn.ModuleList(backbone.make_tail() for _ in range(peers))
+        self.assemble = backbone.assemble
         self.feature_dim = backbone.feature_dim
         self.trunk_channels = backbone.trunk_channels
         self.head = nn.Linear(peers * backbone.feature_dim, num_classes) if ensemble_head else None
@@ -115,20 +135,18 @@ class Branched(nn.Module):
         clone.head = None
         return clone
 
-    def deploy(self, peer: int = 1) -> SingleNet:
+    def deploy(self, peer: int = 1) -> nn.Module:
         """A plain network whose outputs equal peer `peer`'s (1-based, like every peer number a user sees)."""
-        return SingleNet(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer_index(peer, self.peers)]))
+        return self.assemble(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer_index(peer, self.peers)]))
 
 
 class Cohort(nn.Module):
-    """K fully independent networks."""
+    """K fully independent networks, one per backbone (they may differ in architecture)."""
 
-    def __init__(self, make_backbone: Callable[[], Backbone], peers: int):
+    def __init__(self, backbones: Sequence[Backbone]):
         super().__init__()
-        backbones = [make_backbone() for _ in range(peers)]
         self.nets = nn.ModuleList(SingleNet(b.trunk, b.make_tail()) for b in backbones)
-        self.feature_dim = backbones[0].feature_dim
-        self.trunk_channels = backbones[0].trunk_channels
+        self.assemble = [b.assemble for b in backbones]
 
     @property
     def peers(self) -> int:
@@ -138,9 +156,11 @@ class Cohort(nn.Module):
         views = views_of(x, self.peers)
         outs = [net.tail(net.trunk(views[i if len(views) > 1 else 0])) for i, net in enumerate(self.nets)]
         logits = torch.stack([o[0] for o in outs])
-        features = torch.stack([o[1] for o in outs])
+        widths = {o[1].shape[1] for o in outs}
+        features = torch.stack([o[1] for o in outs]) if len(widths) == 1 else None
         return PeerOutputs(logits, features, None, None)
 
-    def deploy(self, peer: int = 1) -> SingleNet:
+    def deploy(self, peer: int = 1) -> nn.Module:
         """Peer `peer` (1-based) as a plain network."""
-        return copy.deepcopy(self.nets[peer_index(peer, self.peers)])
+        i = peer_index(peer, self.peers)
+        return self.assemble[i](copy.deepcopy(self.nets[i].trunk), copy.deepcopy(self.nets[i].tail))
