@@ -35,9 +35,9 @@ def exploding(monkeypatch):
     class Exploding(Independent):
         name = "exploding"
 
-        def losses(self, views, labels, epoch):
-            out = super().losses(views, labels, epoch)
-            if epoch >= 1:
+        def losses(self, views, labels, progress):
+            out = super().losses(views, labels, progress)
+            if progress >= 1:
                 out.losses["loss"] = out.losses["loss"] * float("nan")
             return out
 

@@ -292,7 +292,7 @@ def step(method_name, model, peers=2, **values):
     cfg = make_config(method=method_name, model=model, peers=peers, device="cpu", **values)
     torch.manual_seed(0)
     method = METHODS.get(method_name)(cfg, Setup(model, CLASSES, 3, peers, 10, 10, TimeScale(), image_size=SIZE))
-    views = torch.randn(1 if method.shared_view else peers, 4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    views = torch.randn(method.view_count(method.cfg), 4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     out = Stepper(cfg, method, runtime.setup("cpu", "fp32", False))(views, torch.arange(4) % CLASSES, epoch=1)
     assert torch.isfinite(out.losses["loss"]) and out.logits.shape == (4, CLASSES)
     assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)

@@ -14,16 +14,18 @@ from dkel.errors import ConfigError, DkelError
 
 
 def fake_run(root: Path, method: str, seed: int, last: float, best: float, *, variant="default", epochs=3,
-             model="resnet32", dataset="cifar100", outputs=None, finished=True) -> Path:
-    """A run folder as the engine writes it, with the deployed accuracy `last` at the last epoch."""
+             model="resnet32", dataset="cifar100", outputs=None, finished=True, columns=None) -> Path:
+    """A run folder as the engine writes it, with the deployed accuracy `last` at the last epoch
+    (`columns`: more metrics.csv columns, name -> one value per epoch)."""
     folder = root / dataset / f"{method}-{model}" / f"{variant}-seed{seed}"
     folder.mkdir(parents=True)
     config = {"method": method, "model": model, "dataset": dataset, "seed": seed, "epochs": epochs, "name": None,
               "lr": 0.1, "threads": seed + 1}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    history = [{"epoch": e + 1, "deploy_acc": best if e == 0 else last} for e in range(epochs if finished else 1)]
+    history = [{"epoch": e + 1, "deploy_acc": best if e == 0 else last,
+                **{k: v[e] for k, v in (columns or {}).items()}} for e in range(epochs if finished else 1)]
     with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "deploy_acc"])
+        writer = csv.DictWriter(f, ["epoch", "deploy_acc", *(columns or {})])
         writer.writeheader()
         writer.writerows(history)
     if finished:
@@ -84,8 +86,10 @@ def test_table_command_with_paper_numbers(tmp_path, capsys):
     main(["table", str(tmp_path / "a"), str(tmp_path / "b" / "cifar100" / "independent-resnet32" / "default-seed0"),
           "--paper", "cifar100", "--out", str(tmp_path / "t")])
     text = capsys.readouterr().out
-    assert "| 74.14 | -0.14 |" in text  # PCL ResNet-32 on CIFAR-100 (SPEC 6.1) beside the runs' 74.00
-    assert "| — | — |" in text  # no published number for independent training
+    # PCL ResNet-32 on CIFAR-100 (SPEC 6.1), a best-epoch number, against the runs' best epoch (75.00)
+    assert "| 74.14 | +0.86 | — | — |" in text
+    assert "| — | — | — | — |" in text  # no published number for independent training
+    assert "best-epoch numbers" in text
     assert (tmp_path / "t" / "table.md").is_file() and (tmp_path / "t" / "curves.png").is_file()
     assert compare.published("cifar10", "vgg16", "dkel") == (95.35, "PCL + the stated gain 0.61")
 
@@ -170,3 +174,13 @@ def test_note_names_an_ignored_key_once(tmp_path, capsys):
     main(["compare", "--config", str(config), "--methods", "pcl,dkel", "--model", "resnet8", "--dataset", "digits",
           "--seeds", "1", "--out", str(tmp_path / "o"), "mode=paper,reference", "--dry-run"])
     assert "note: pcl has no mode; ignored" in capsys.readouterr().out
+
+
+def test_paper_column_compares_dkel_in_its_released_convention(tmp_path):
+    """DKEL's published numbers are the best teacher peer at the best epoch; dkel's runs are put in
+    that convention in their own column, and only that column is compared with the paper."""
+    for seed, peaks in enumerate([[0.70, 0.76, 0.75], [0.71, 0.74, 0.78]]):
+        fake_run(tmp_path, "dkel", seed, 0.74, 0.75, columns={"test_teacher_max": peaks})
+    text = compare.markdown(compare.group_runs(compare.find_runs([tmp_path])), "t", "cifar100")
+    # published 74.83 (ResNet-32, 1 init step); released convention: mean of 76 and 78
+    assert "| 74.83 * | — | 77.00 ± 1.41 | +2.17 |" in text

@@ -1,10 +1,16 @@
+"""DKEL and PCL at the method level: teacher initialisation, EMA, which teacher teaches whom,
+PCL against SPEC section 3, deployment, and the end-of-epoch instruments."""
 import copy
+import math
 
 import pytest
 import torch
 
 from conftest import make_config
+from dkel import losses as L
+from dkel import runtime
 from dkel.config import TimeScale
+from dkel.engine import Stepper
 from dkel.methods import METHODS, Setup
 
 
@@ -94,57 +100,153 @@ def test_paper_teacher_keeps_alpha_to_the_t_of_its_initial_weights():
     assert method.alpha == 0.999 and not method.warmup
 
 
-def test_time_scale_stretches_the_ema_horizon_and_epoch_constants():
-    cfg = make_config(method="dkel")
-    setup = Setup("resnet8", 10, 1, 3, 30, 12, TimeScale(epoch_factor=0.1, step_factor=0.02))
-    method = METHODS.get("dkel")(cfg, setup)
-    assert method.alpha == pytest.approx(1 - 1 / 20)  # 1000-step horizon * 0.02
-    assert method.rampup_length == pytest.approx(8) and method.beta == pytest.approx(5)
-    assert method.decay_horizon == pytest.approx(1)
-    assert TimeScale.for_run("auto", 300, 391, 300, 391) == TimeScale(1.0, 1.0)
+def stepper_for(method):
+    return Stepper(method.cfg, method, runtime.setup("cpu", "fp32", False))
 
 
-def test_gradients_never_reach_the_teacher():
-    method = build()
-    method.prepare(iter(batches(1)))
-    views, labels = batches(1)[0]
-    out = method.losses(views, labels, epoch=0)
-    out.losses["loss"].backward()
+def perturbed_teacher(method, scale=0.3):
+    """Moves the teacher away from the student (at construction both hold the same weights)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in method.teacher.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return method
+
+
+def test_a_step_moves_the_teacher_only_by_ema_and_its_own_batchnorm_statistics():
+    """The teacher is not trained by the optimizer, runs its forward in train mode (its BN statistics
+    follow its own batches) and averages parameters only, not BN buffers (SPEC section 1, EMA)."""
+    method = build(init_steps=1)
+    init, (views, labels) = batches(2)
+    method.prepare(iter([init]))
+    stepper = stepper_for(method)
+    method.train()
+    before = {n: p.detach().clone() for n, p in method.teacher.named_parameters()}
+    own_forward = copy.deepcopy(method.teacher)
+    with torch.no_grad():
+        own_forward(views)  # what the teacher's own train-mode forward does to its BN statistics
+    assert not all(torch.equal(a, b) for a, b in zip(own_forward.buffers(), method.teacher.buffers()))
+    stepper(views, labels, 0)
+    student = dict(method.student.named_parameters())
+    for name, p in method.teacher.named_parameters():
+        torch.testing.assert_close(p, 0.999 * before[name] + 0.001 * student[name], rtol=1e-6, atol=1e-7, msg=name)
+    for (name, b), expected in zip(method.teacher.named_buffers(), own_forward.buffers()):
+        assert torch.equal(b, expected), name
     assert all(p.grad is None for p in method.teacher.parameters())
-    assert all(p.grad is not None for p in method.student.parameters())
-    assert set(out.losses) >= {"loss", "ce_ensemble", "ce_peers", "kd_ensemble", "dk_ensemble", "dk_individual"}
 
 
-def test_pcl_equals_dkel_with_init_and_decay_switched_off():
+def spec_loss(z, z_e, t, y, r, w, dk):
+    """SPEC section 2/3 with loops over peers, float64 (PCL: w = 0, dk = r)."""
+    def ce(a):
+        return float(torch.nn.functional.cross_entropy(a.double(), y))
+
+    def kd(a, b):
+        return float(L.kd_loss(a.double(), b.double()))
+
+    k = len(z)
+    total = ce(z_e)
+    for i in range(k):
+        others = [j for j in range(k) if j != i]
+        individual = sum(kd(z[i], t[j]) for j in others) / (k - 1)
+        ensemble = kd(z[i], sum(t[j] for j in others) / (k - 1))
+        total += ce(z[i]) + r * kd(z[i], z_e) + dk * (w * ensemble + (1 - w) * individual)
+    return total
+
+
+def test_pcl_is_spec_section_3():
+    """No initialisation, the mean-teacher warm-up (the teacher is the running mean of the student's
+    iterates), w = 0 and the teacher term ramped like the peer-ensemble term."""
     pcl = build("pcl")
-    dkel = build("dkel", teacher_init=False, decay="none", dk_rampup=True, ema_warmup=True)
+    data = batches(3)
+    pcl.prepare(iter(data))
+    assert same(params(pcl.teacher), {k: v for k, v in params(pcl.student).items() if not k.startswith("head")})
+    iterates = []
+    for step, ((views, labels), epoch) in enumerate(zip(data, (0, 30, 90))):
+        with torch.no_grad():
+            out = copy.deepcopy(pcl.student)(views)
+            t = copy.deepcopy(pcl.teacher)(views).logits
+        r = math.exp(-5 * (1 - epoch / 80) ** 2) if epoch < 80 else 1.0
+        got = pcl.losses(views, labels, epoch).losses["loss"]
+        assert got.item() == pytest.approx(spec_loss(out.logits, out.ensemble, t, labels, r, 0.0, r), rel=1e-5)
+        got.backward()
+        with torch.no_grad():
+            for p in pcl.student.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        pcl.after_step(step)
+        iterates.append({n: p.detach().clone() for n, p in pcl.student.named_parameters()})
+        for name, p in pcl.teacher.named_parameters():
+            mean = sum(it[name] for it in iterates) / len(iterates)
+            torch.testing.assert_close(p, mean, rtol=1e-5, atol=1e-6, msg=name)
+    assert pcl.mode is None and pcl.initial_teacher_weight() == 0.0
+
+
+def test_student_peer_i_learns_from_teacher_peers_j_on_their_own_views():
+    """DK_i uses teacher peer j evaluated on view j, for every j != i (SPEC section 2)."""
+    method = perturbed_teacher(build())
+    views, labels = batches(1, seed=3)[0]
+    k = 3
+    with torch.no_grad():  # plain networks: student peer i on view i, teacher peer j on view j
+        z = torch.stack([method.student.deploy(i + 1).train()(views[i]) for i in range(k)])
+        t = torch.stack([method.teacher.deploy(j + 1).train()(views[j]) for j in range(k)])
+    individual = sum(L.kd_loss(z[i], t[j]) for i in range(k) for j in range(k) if j != i) / (k - 1)
+    ensemble = sum(L.kd_loss(z[i], (t.sum(0) - t[i]) / (k - 1)) for i in range(k))
+    got = method.losses(views, labels, 0).losses  # w = 1 at epoch 0: both terms are computed
+    torch.testing.assert_close(got["dk_individual"], individual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["dk_ensemble"], ensemble, rtol=1e-5, atol=1e-6)
+
+
+def test_instruments_leave_every_state_as_it_was_and_measure_the_teacher():
+    method = build(init_steps=1)
     data = batches(4)
-    for m in (pcl, dkel):
-        m.prepare(iter(data))
-    assert same(params(pcl), params(dkel))
-    for step, (views, labels) in enumerate(data):
-        epoch = step * 30
-        a, b = (m.losses(views, labels, epoch).losses for m in (pcl, dkel))
-        assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-6)
-        for m, out in ((pcl, a), (dkel, b)):
-            out["loss"].backward()
-            with torch.no_grad():
-                for p in m.student.parameters():
-                    p -= 0.1 * p.grad
-                    p.grad = None
-            m.after_step(step)
-        assert same(params(pcl), params(dkel))
-    assert pcl.mode is None and dkel.mode == "paper"
+    method.prepare(iter(data[:1]))
+    stepper = stepper_for(method)
+    method.train()
+    for views, labels in data[1:]:
+        stepper(views, labels, 0)
+    before = params(method)
+    probe = batches(1, seed=9)[0]
+    out = method.epoch_diagnostics(probe, 0.5)
+    assert same(params(method), before)  # weights and BN statistics untouched
+    assert out["init_teacher_weight"] == pytest.approx(0.999 ** 3)
+    shares = {k: v for k, v in out.items() if k.startswith("grad_share_")}
+    assert set(shares) == {"grad_share_ce_peers", "grad_share_kd_ensemble", "grad_share_dk_ensemble",
+                           "grad_share_dk_individual"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["grad_share_dk_individual"] == 0.0  # w = 1
+    views, labels = probe
+    with torch.no_grad():  # every teacher peer on view 1, as plain networks
+        shared = torch.stack([method.teacher.deploy(j + 1).train()(views[0]).argmax(-1) for j in range(3)])
+    pairs = [(shared[i] == shared[j]).float().mean().item() for i in range(3) for j in range(3) if i != j]
+    assert out["probe_agree_teacher_peers"] == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_instruments_see_a_teacher_that_copies_its_student():
+    """After PCL's first step (alpha_0 = 0) the teacher equals its student: agreement 1, KL 0."""
+    pcl = build("pcl")
+    stepper = stepper_for(pcl)
+    pcl.train()
+    views, labels = batches(1)[0]
+    stepper(views, labels, 0)
+    out = pcl.epoch_diagnostics(batches(1, seed=4)[0], 0.0)
+    assert out["probe_agree_student_teacher"] == 1.0
+    assert out["probe_kl_student_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert out["init_teacher_weight"] == 0.0
 
 
 def test_reports_and_deploys_the_teacher():
-    method = build(deploy_peer=2).eval()
+    method = perturbed_teacher(build(deploy_peer=2)).eval()
     x = torch.randn(5, 1, 8, 8)
     outs = method.eval_logits(x)
     assert set(outs) == {"teacher1", "teacher2", "teacher3", "teacher_ensemble", "student1", "student2",
                          "student3", "student_ensemble"}
     assert method.deploy_metric == "teacher2"
-    torch.testing.assert_close(method.deploy().eval()(x), outs["teacher2"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        deployed = method.deploy().eval()(x)
+        torch.testing.assert_close(outs["teacher2"], method.teacher.deploy(2).eval()(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(outs["student2"], method.student.deploy(2).eval()(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(deployed, outs["teacher2"], rtol=0, atol=1e-5)
+    assert (deployed - outs["student2"]).abs().max() > 0.1  # the teacher differs from its student here
+    assert (deployed - outs["teacher1"]).abs().max() > 0.1
     assert method.peer_groups()["teacher"] == ["teacher1", "teacher2", "teacher3"]
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ RESULT_KEYS = {"method", "mode", "model", "dataset", "seed", "epochs", "world_si
                "best_deploy_acc", "metrics"}
 
 
-def test_dkel_run_folder_and_results(tmp_path):
+def test_dkel_run_folder_and_results(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dkel")
     results = train(make_config(method="dkel", epochs=2, out=str(tmp_path / "run")))
     run = tmp_path / "run"
     for name in ("config.yaml", "env.json", "metrics.csv", "train.log", "results.json", "curves.png",
@@ -31,6 +33,13 @@ def test_dkel_run_folder_and_results(tmp_path):
     assert {"teacher_mean", "teacher_max", "teacher_ensemble", "student_mean", "student_ensemble"} <= set(saved["metrics"])
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and "student_logit_norm" in rows[0] and "param_norm" in rows[0]
+    for instrument in ("grad_share_ce_peers", "grad_share_dk_individual", "init_teacher_weight",
+                       "probe_kl_student_teacher", "probe_agree_student_teacher", "probe_agree_teacher_peers"):
+        assert instrument in rows[0].split(","), instrument
+    # the scaled constants are printed once, at the start, and stored
+    assert (run / "train.log").read_text().count("time constants") == 1
+    assert saved["time_constants"]["time_scale"] == pytest.approx(2 / 300)
+    assert saved["time_constants"]["ema_horizon_steps"] == 8  # a third of the 24-step run
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "dkel"
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "git_sha" in env

@@ -63,7 +63,7 @@ def build_subject(values: dict[str, Any], rt: runtime.Runtime, classes: int, bat
     torch.manual_seed(0)
     setup = Setup(cfg.model, classes, 3, cfg.peers, cfg.epochs, 391, TimeScale())
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format).train()
-    views = 1 if cls.shared_view else cfg.peers
+    views = cls.view_count(cfg)
     compile_forwards(method, cfg)
     stepper = Stepper(cfg, method, rt)
     epoch = 100  # past the ramp-up and the decaying ensemble, as the released code's benchmark

@@ -29,8 +29,8 @@ TRAIN_FLAGS = {
     "device": (str, "auto, cpu, cuda or cuda:N"),
     "precision": (str, "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16"),
     "threads": (int, "CPU threads (default: torch's choice)"),
-    "mode": (str, "DKEL: paper (as described) or reference (the released code's loss weights, EMA warm-up "
-                  "and teacher initialisation)"),
+    "mode": (str, "DKEL: paper (the SPEC reconstruction of the paper; its formulas were not available) or "
+                  "reference (the released code's loss weights, EMA warm-up and teacher initialisation)"),
     "init_steps": (int, "DKEL: teacher initialisation steps k"),
     "decay": (str, "DKEL: ensemble decay exp|cos|linear|none|const"),
     "beta": (float, "DKEL: exponential decay rate per epoch at the paper's length (stretched with time_scale)"),
@@ -168,15 +168,20 @@ def cmd_list(args) -> None:
     print("## Methods\n\n| method | what it does | from |\n|---|---|---|")
     for e in METHODS:
         print(f"| {e.name} | {e.description} | {e.obj.paper} |")
+    print("\n## Switches to the authors' code (defaults follow SPEC; see docs/methods.md)\n\n"
+          "| method | setting: effect |\n|---|---|")
+    for e in METHODS:
+        for switch in e.obj.authors_switches:
+            print(f"| {e.name} | {switch} |")
     print("\n## Models\n\n| model | input | description |\n|---|---|---|")
     for e in MODELS:
         print(f"| {e.name} | {e.obj.input_size}x{e.obj.input_size} | {e.description} |")
     print("\nAlso any torchvision classifier as torchvision:NAME, any timm model as timm:NAME (pip install "
           "'dkel[timm]') and your own network as module:attribute (a callable num_classes -> nn.Module); branched "
           "methods split it where its last stage starts, or at split=MODULE.")
-    print("\n## Datasets\n\n| dataset | description |\n|---|---|")
+    print("\n## Datasets\n\n| dataset | paper_epochs (time_scale=auto) | description |\n|---|---|---|")
     for e in DATASETS:
-        print(f"| {e.name} | {e.description} |")
+        print(f"| {e.name} | {e.obj.paper_epochs or '— (not scaled unless set)'} | {e.description} |")
 
 
 def add_simulate(sub) -> None:
@@ -230,18 +235,25 @@ def cmd_table(args) -> None:
 
 
 def add_schedules(sub) -> None:
-    p = sub.add_parser("schedules", help="plot DKEL's weight schedules (ramp-up, ensemble decays)")
+    p = sub.add_parser("schedules", help="plot DKEL's weight schedules (ramp-up, ensemble decays)",
+                       description="The weights of DKEL's loss per step of a run of --epochs epochs, with the "
+                                   "paper's constants scaled by epochs / paper-epochs as time_scale=auto does.")
     p.add_argument("--out", type=Path, default=Path("docs/schedules.png"), help="PNG file (default: docs/schedules.png)")
-    p.add_argument("--epochs", type=int, default=300, help="epochs on the x axis (default: 300, the CIFAR recipe)")
-    p.add_argument("--beta", type=float, default=0.5, help="exponential decay rate per epoch (default: 0.5)")
-    p.add_argument("--decay-horizon", type=float, default=10.0, help="cos/linear decay horizon (default: 10)")
-    p.add_argument("--rampup-length", type=float, default=80.0, help="ramp-up length in epochs (default: 80)")
+    p.add_argument("--epochs", type=int, default=300, help="the run's epochs (default: 300, the CIFAR recipe)")
+    p.add_argument("--paper-epochs", type=int, default=300, help="the paper's length (default: 300)")
+    p.add_argument("--beta", type=float, default=0.5, help="exponential decay rate per paper epoch (default: 0.5)")
+    p.add_argument("--decay-horizon", type=float, default=10.0,
+                   help="cos/linear decay horizon in paper epochs (default: 10)")
+    p.add_argument("--rampup-length", type=float, default=80.0, help="ramp-up length in paper epochs (default: 80)")
 
 
 def cmd_schedules(args) -> None:
     from .schedules import plot_schedules
 
-    plot_schedules(args.out, args.epochs, args.beta, args.decay_horizon, args.rampup_length)
+    for name in ("epochs", "paper_epochs"):
+        if getattr(args, name) < 1:
+            raise DkelError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    plot_schedules(args.out, args.epochs, args.beta, args.decay_horizon, args.rampup_length, args.paper_epochs)
     print(f"wrote {args.out}")
 
 

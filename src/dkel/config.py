@@ -67,9 +67,12 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up of the learning rate over the first epochs (by step)
     label_smoothing: float = 0.0  # of every cross-entropy term against the labels
     grad_clip: Optional[float] = None  # clip the gradient's global norm to this
-    # "auto" scales ramp-up, decay and EMA horizons to this run's length relative to the
-    # paper's schedule for the dataset (1 at full length); a number scales them by it
-    time_scale: Union[str, float] = "auto"
+    # "auto" scales ramp-up, decay and EMA horizons by epochs / paper_epochs (exactly 1 at the
+    # paper's length, whatever the batch size, subset or processes); a number scales them by it
+    time_scale: Union[str, int, float] = "auto"
+    # the schedule length the paper's time constants belong to; default: the dataset's recipe
+    # (CIFAR 300, TinyImageNet 100; see `dkel list`); a dataset without one is not scaled unless set
+    paper_epochs: Optional[int] = None
     seed: int = 0
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -221,8 +224,9 @@ def validate(cfg: Any) -> Any:
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale
-    need(ts == "auto" or (isinstance(ts, (int, float)) and ts > 0),
+    need(ts == "auto" or (isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0),
          f"time_scale must be 'auto' or a positive number, got {ts!r}")
+    need(cfg.paper_epochs is None or cfg.paper_epochs >= 1, f"paper_epochs must be >= 1, got {cfg.paper_epochs}")
     return cfg
 
 
@@ -238,31 +242,77 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+EMA_FLOOR_STEPS = 100  # a shorter EMA horizon makes the teacher a copy of its student
+EMA_FLOOR_FRACTION = 1 / 3  # ... unless the run is shorter: then a third of it (alpha^T = e^-3 at the end)
+
+
 @dataclass(frozen=True)
 class TimeScale:
     """Stretches the paper's time constants to a run of a different length.
 
-    Epoch-valued constants (ramp length, decay horizon) are multiplied by `epoch_factor`,
-    per-epoch rates (beta) divided by it; the EMA horizon 1/(1-alpha), counted in steps,
-    is multiplied by `step_factor`.  At the paper's full schedule both are 1."""
+    Epoch-valued constants (ramp length, decay horizon) are multiplied by `factor`,
+    per-epoch rates (beta) divided by it, and the EMA horizon 1/(1-alpha), counted in
+    steps, multiplied by it too, but never below `ema_floor` steps.  With factor 1 every
+    constant is the paper's and weights change at epoch boundaries, as in the paper;
+    otherwise they are evaluated at fractional progress, so every curve keeps its shape."""
 
-    epoch_factor: float = 1.0
-    step_factor: float = 1.0
+    factor: float = 1.0
+    run_steps: int = 0  # optimizer steps of the whole run (0: unknown, no floor)
+    paper_epochs: Optional[int] = None  # what `auto` measured the run against (None: not auto)
 
     @classmethod
     def for_run(cls, time_scale: Union[str, float], epochs: int, steps_per_epoch: int,
-                paper_epochs: int, paper_steps_per_epoch: int) -> "TimeScale":
-        if time_scale == "auto":
-            return cls(epochs / paper_epochs, epochs * steps_per_epoch / (paper_epochs * paper_steps_per_epoch))
-        return cls(float(time_scale), float(time_scale))
+                paper_epochs: Optional[int]) -> "TimeScale":
+        run_steps = epochs * steps_per_epoch
+        if time_scale != "auto":
+            return cls(float(time_scale), run_steps)
+        if paper_epochs is None:  # no recipe to measure against: the paper's constants as they are
+            return cls(1.0, run_steps)
+        return cls(epochs / paper_epochs, run_steps, paper_epochs)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TimeScale":
+        """From a checkpoint's `setup.time` (keys of older versions are ignored)."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+    @property
+    def scaled(self) -> bool:
+        return self.factor != 1.0
+
+    def at(self, progress: float) -> float:
+        """The epoch at which weights are evaluated after `progress` (epoch + fraction of it) epochs."""
+        return progress if self.scaled else float(math.floor(progress))
+
+    def paper_epoch(self, progress: float) -> int:
+        """The integer epoch of a paper-length run that `progress` of this run corresponds to."""
+        return math.floor(progress / self.factor + 1e-9)
+
+    def describe(self) -> dict[str, Any]:
+        """The scale and where it came from, for the log and results.json."""
+        out: dict[str, Any] = {"time_scale": self.factor}
+        if self.paper_epochs is not None:
+            out["paper_epochs"] = self.paper_epochs
+        out["weights_at"] = "fractional epoch" if self.scaled else "epoch start"
+        return out
 
     def epochs(self, value: float) -> float:
-        return value * self.epoch_factor
+        return value * self.factor
 
     def rate(self, per_epoch: float) -> float:
-        return per_epoch / self.epoch_factor
+        return per_epoch / self.factor
+
+    @property
+    def ema_floor(self) -> float:
+        """The shortest EMA horizon (steps) scaling may produce: 100 steps, or a third of a shorter run."""
+        return min(EMA_FLOOR_STEPS, self.run_steps * EMA_FLOOR_FRACTION) if self.run_steps else 0.0
+
+    def ema_horizon(self, alpha: float) -> float:
+        """The horizon 1/(1-alpha) in steps, stretched by `factor`; scaling never shortens it below
+        `ema_floor` (nor below the unscaled horizon, if that is shorter still)."""
+        horizon = 1.0 / (1.0 - alpha)
+        if not self.scaled:
+            return horizon
+        return max(horizon * self.factor, min(horizon, self.ema_floor), 1.0)
 
     def ema_alpha(self, alpha: float) -> float:
-        """alpha whose horizon 1/(1-alpha) is stretched by step_factor (at least one step)."""
-        horizon = max(1.0, self.step_factor / (1.0 - alpha))
-        return 1.0 - 1.0 / horizon
+        return 1.0 - 1.0 / self.ema_horizon(alpha) if self.scaled else alpha

@@ -60,7 +60,7 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     cls.check(cfg)
     if cfg.batch_size % rt.world:
         raise DkelError(f"batch_size {cfg.batch_size} does not split evenly over {rt.world} processes")
-    views = 1 if cls.shared_view else cfg.peers
+    views = cls.view_count(cfg)
 
     def open_data(download: bool) -> DataBackend:
         return open_backend(cfg, views=views, device=rt.device, rank=rt.rank, world=rt.world,
@@ -78,13 +78,24 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
         raise DkelError(f"{data.test_size} test images cannot be shared by {rt.world} processes")
     # counted as one process would, so the time constants do not depend on the number of processes
     steps_per_epoch = data.steps(world=1)
-    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch, *data.paper_schedule)
+    time_scale = TimeScale.for_run(cfg.time_scale, cfg.epochs, steps_per_epoch,
+                                   data.paper_epochs if cfg.paper_epochs is None else cfg.paper_epochs)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale,
                   split=cfg.split, image_size=data.image_size)
     method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, method)
+
+
+PROBE_SIZE = 64  # images in the fixed batch the methods' end-of-epoch instruments measure on
+
+
+def probe_batch(data: DataBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small fixed batch of training views, the same every epoch and on every process: the start
+    of the unsharded stream that training never draws from."""
+    views, labels = next(data.prepare_batches())
+    return views[:, :PROBE_SIZE], labels[:PROBE_SIZE]
 
 
 def lr_at(cfg: Any, epoch: float, steps_per_epoch: int) -> float:
@@ -133,7 +144,7 @@ class Stepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, epoch + fraction, self.method.setup.steps_per_epoch)
         with self.rt.autocast():
-            out = self.method.losses(views, labels, epoch)
+            out = self.method.losses(views, labels, epoch + fraction)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
         if self.cfg.grad_clip is not None:
@@ -326,7 +337,7 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     cfg = resolve_run([(str(folder.config), folder.effective_config())])
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
-    setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
+    setup = Setup(**{**ckpt["setup"], "time": TimeScale.from_dict(ckpt["setup"]["time"])})
     method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
     load_state(method, ckpt["method"], path)
     method.eval()
@@ -617,6 +628,9 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",
                  folder.root, cfg.method, cfg.model, cfg.dataset, cfg.peers, data.train_size,
                  data.test_size, data.steps(), f" | time constants {consts}" if consts else "")
+        for warning in method.warnings():
+            log.warning("warning: %s", warning)
+    probe = probe_batch(data)
     tb = tensorboard_writer(folder) if cfg.tensorboard and rt.main else None
     for epoch in range(start_epoch, cfg.epochs):
         method.train()
@@ -643,7 +657,7 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         check_divergence(cfg, meter, reference, rt, epoch, session)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, method.setup.steps_per_epoch),
                                **meter.row(rt)}
-        row.update(method.epoch_diagnostics())
+        row.update(method.epoch_diagnostics(probe, epoch + (meter.steps - 1) / meter.steps))
         if rt.distributed:
             sync_buffers(method)
         acc = evaluate(method, data, rt, cfg.eval_batch_size)

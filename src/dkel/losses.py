@@ -165,9 +165,24 @@ def dkel_loss(student_logits: Logits, ensemble_logits: Tensor, teacher_logits: L
     }
     # a zero weight skips the term, as the released code does
     terms["dk_ensemble"] = kd_loss(z, others_mean(t), temperature).sum() if w > 0 else z.new_zeros(())
-    loss = (terms["ce_ensemble"] + terms["ce_peers"] + r * terms["kd_ensemble"]
-            + dk * (w * terms["dk_ensemble"] + (1 - w) * terms["dk_individual"]))
+    loss = sum(dkel_summands(terms, wts).values())
     return {"loss": loss, **terms, **{f"w_{name}": value for name, value in wts.items()}}
+
+
+def dkel_summands(terms: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
+    """DKEL's loss as a sum: each unweighted term of `dkel_loss` times its weight."""
+    r, w, dk = weights["rampup"], weights["decay"], weights["dk"]
+    return {"ce_ensemble": terms["ce_ensemble"], "ce_peers": terms["ce_peers"], "kd_ensemble": r * terms["kd_ensemble"],
+            "dk_ensemble": dk * w * terms["dk_ensemble"], "dk_individual": dk * (1 - w) * terms["dk_individual"]}
+
+
+def gradient_shares(parts: dict[str, Tensor], wrt: Tensor) -> dict[str, float]:
+    """Each summand's share of the gradient at `wrt`: ||d part / d wrt|| over the sum of these norms
+    (a part that does not depend on `wrt`, e.g. a skipped term, has share 0)."""
+    norms = {name: torch.autograd.grad(part, wrt, retain_graph=True)[0].norm().item() if part.requires_grad else 0.0
+             for name, part in parts.items()}
+    total = sum(norms.values()) or 1.0
+    return {name: value / total for name, value in norms.items()}
 
 
 # ----------------------------------------------------------------------------- baselines (SPEC section 4)
@@ -223,6 +238,17 @@ def cl_loss(logits: Logits, targets: Tensor, *, kd_weight: float, temperature: f
     return {"loss": ce + kd_weight * kd, "ce_peers": ce, "kd_peers": kd}
 
 
+def cl_song_chai_loss(logits: Logits, targets: Tensor, *, hard_weight: float = 0.5,
+                      temperature: float = 2.0) -> dict[str, Tensor]:
+    """CL as Song & Chai write it: sum_h [ beta CE(z_h, y) + (1 - beta) KD_tau(z_h, mean_{j != h} z_j) ],
+    beta = hard_weight, targets detached, no ramp-up (KD_tau includes tau^2)."""
+    z = stack(logits)
+    _need_peers(z, 2, "CL")
+    ce = cross_entropy(z, targets)
+    kd = peer_kd(z, others_mean(z), temperature)
+    return {"loss": hard_weight * ce + (1 - hard_weight) * kd, "ce_peers": ce, "kd_peers": kd}
+
+
 def gated_ensemble(logits: Tensor, gate: Tensor) -> Tensor:
     """ONE's ensemble z_e[b] = sum_i g[b, i] z_i[b]: logits [K, B, C], gate [B, K] -> [B, C]."""
     return (logits * gate.t().unsqueeze(-1).to(logits.dtype)).sum(0)
@@ -255,17 +281,18 @@ def attention_targets(logits: Tensor, alpha: Tensor) -> Tensor:
 
 
 def okddip_loss(peer_logits: Logits, leader_logits: Tensor, attention_logits: Tensor, targets: Tensor, *,
-                kd_weight: float, temperature: float = 3.0) -> dict[str, Tensor]:
+                kd_weight: float, temperature: float = 3.0, detach_leader_target: bool = True) -> dict[str, Tensor]:
     """OKDDip (Chen et al. 2020), auxiliary peers a and leader L:
 
         L = sum_a CE(z_a, y) + CE(z_L, y) + r [ sum_a KD_tau(z_a, t_a) + KD_tau(z_L, mean_a z_a) ]
 
-    The attention targets t_a ([K, B, C]) keep their gradient; the leader's target is detached."""
+    The attention targets t_a ([K, B, C]) keep their gradient; the leader's target is detached
+    unless detach_leader_target=False (the official train_GL.py: it also trains the peers)."""
     z = stack(peer_logits)
     ce = cross_entropy(z, targets)
     ce_leader = cross_entropy(leader_logits, targets)
     kd = peer_kd(z, attention_logits, temperature, detach_target=False)
-    kd_leader = kd_loss(leader_logits, z.mean(0), temperature)
+    kd_leader = kd_loss(leader_logits, z.mean(0), temperature, detach_target=detach_leader_target)
     return {"loss": ce + ce_leader + kd_weight * (kd + kd_leader), "ce_peers": ce, "ce_leader": ce_leader,
             "kd_peers": kd, "kd_leader": kd_leader}
 
@@ -278,19 +305,31 @@ def minlogit_ensemble(logits: Logits, targets: Tensor) -> Tensor:
     return (z - z.gather(-1, index)).amin(0)
 
 
-ENSEMBLES = ("minlogit", "naive")
+def lowest_ce_member(logits: Logits, targets: Tensor) -> Tensor:
+    """KDCL's own naive ensemble: for every image, the logits of the peer with the lowest
+    cross-entropy on it.  [K, B, C] -> [B, C]."""
+    z = stack(logits)
+    true_class = F.log_softmax(full(z), dim=-1).gather(-1, targets.view(1, -1, 1).expand(z.shape[0], -1, 1))
+    best = true_class.argmax(0, keepdim=True).expand(1, -1, z.shape[-1])  # highest log-prob = lowest CE
+    return z.gather(0, best)[0]
+
+
+ENSEMBLES = ("minlogit", "naive", "lowest_ce")
 
 
 def kdcl_loss(logits: Logits, targets: Tensor, *, ensemble: str = "minlogit",
               temperature: float = 3.0) -> dict[str, Tensor]:
     """KDCL (Guo et al. 2020): sum_i [ CE(z_i, y) + KD_tau(z_i, z_t) ], z_t built from all peers, detached.
 
-    ensemble="minlogit": `minlogit_ensemble`; "naive": the mean of the peers' logits."""
+    ensemble="minlogit": `minlogit_ensemble`; "naive": the mean of the peers' logits (SPEC);
+    "lowest_ce": `lowest_ce_member` (what KDCL itself calls naive)."""
     z = stack(logits)
     if ensemble == "minlogit":
         teacher = minlogit_ensemble(z.detach(), targets)
     elif ensemble == "naive":
         teacher = z.detach().mean(0)
+    elif ensemble == "lowest_ce":
+        teacher = lowest_ce_member(z.detach(), targets)
     else:
         raise ValueError(f"unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}")
     ce = cross_entropy(z, targets)

@@ -17,8 +17,14 @@ _DETAIL = re.compile(r"\d+$|_max$")
 
 
 def plot_run(history: list[dict[str, Any]], method, path: Path) -> None:
+    """Test accuracy and training loss per epoch, plus the method's instruments if it has them."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    shares = [k for k in history[-1] if k.startswith("grad_share_")]
+    teacher = [k for k in ("init_teacher_weight", "probe_agree_student_teacher", "probe_agree_teacher_peers",
+                           "probe_kl_student_teacher") if k in history[-1]]
+    panels = 2 + bool(shares) + bool(teacher)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    ax_acc, ax_loss = axes[:2]
     deploy = f"test_{method.deploy_metric}"
     for key in history[-1]:
         if key.startswith("test_") and (key == deploy or not _DETAIL.search(key)):
@@ -30,5 +36,20 @@ def plot_run(history: list[dict[str, Any]], method, path: Path) -> None:
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
     ax_loss.grid(alpha=0.3)
+    extra = list(axes[2:])
+    if shares:
+        ax = extra.pop(0)
+        ax.stackplot(epochs, *[[r.get(k) or 0.0 for r in history] for k in shares],
+                     labels=[k[len("grad_share_"):] for k in shares], alpha=0.8)
+        ax.set(xlabel="epoch", ylabel="share of the gradient norm", ylim=(0, 1),
+               title="loss terms' share of the gradient at the student logits (probe batch)")
+        ax.legend(fontsize=8, loc="upper right")
+    if teacher:
+        ax = extra.pop(0)
+        for key in teacher:
+            ax.plot(epochs, [r.get(key) for r in history], label=key.replace("probe_", ""))
+        ax.set(xlabel="epoch", title="teacher: initial weight, agreement, KL (probe batch)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     files.save_figure(fig, path, dpi=110)

@@ -31,7 +31,7 @@ class DataBackend:
 
     def __init__(self, *, name: str, classes: list[str], mean, std, in_channels: int, image_size: int,
                  fingerprint: str, train_size: int, test_size: int, recipe: Recipe,
-                 paper_schedule: tuple[int, int], batch_size: int,
+                 paper_epochs: Optional[int], batch_size: int,
                  views: int, seed: int, rank: int, world: int, channels_last: bool, device: torch.device):
         self.name, self.classes = name, list(classes)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -39,7 +39,7 @@ class DataBackend:
         self.fingerprint = fingerprint
         self.train_size, self.test_size = train_size, test_size
         self.recipe = recipe
-        self.paper_schedule = paper_schedule  # the paper's (epochs, steps per epoch): time_scale=auto's reference
+        self.paper_epochs = paper_epochs  # the paper's length in epochs, time_scale=auto's reference
         self.batch_size, self.views, self.seed = batch_size, views, seed
         self.rank, self.world = rank, world
         self.channels_last, self.device = channels_last, device
@@ -76,7 +76,7 @@ class ResidentBackend(DataBackend):
         super().__init__(name=data.name, classes=data.classes, mean=data.mean, std=data.std,
                          in_channels=data.in_channels, image_size=data.image_size, fingerprint=data.fingerprint,
                          train_size=len(data.train_labels), test_size=len(data.test_labels), recipe=data.recipe,
-                         paper_schedule=(data.spec.paper_epochs, data.spec.paper_steps_per_epoch), **kw)
+                         paper_epochs=data.spec.paper_epochs, **kw)
         self.skipped = list(data.skipped)
         self.data = data.to(self.device)
         args = dict(batch_size=self.batch_size, views=self.views, mean=self.mean, std=self.std, seed=self.seed,

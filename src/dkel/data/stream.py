@@ -107,7 +107,7 @@ class StreamBackend(DataBackend):
         super().__init__(name=name, classes=source.classes, mean=(0.0,) * channels, std=(1.0,) * channels,
                          in_channels=channels, image_size=image_size, fingerprint=source.fingerprint,
                          train_size=train_size, test_size=len(source.test), recipe=recipe,
-                         paper_schedule=(spec.paper_epochs, spec.paper_steps_per_epoch), **kw)
+                         paper_epochs=spec.paper_epochs, **kw)
         self.items = ViewItems(source.train, source.test, recipe, self.seed, self.views, channels, shape)
         self.plan = Plan()
         self.num_workers = num_workers

@@ -54,7 +54,8 @@ class Method(nn.Module):
     paper: ClassVar[str]  # where the method comes from
     Config: ClassVar[type] = NoConfig
     min_peers: ClassVar[int] = 1
-    shared_view: ClassVar[bool] = False  # True: every peer trains on the same view of an image
+    # settings that make a method behave as its authors' code does, for `dkel list` and docs
+    authors_switches: ClassVar[tuple[str, ...]] = ()
     # the reported output whose accuracy is `deploy_acc` (SPEC section 6 reporting rule)
     deploy_metric: ClassVar[str] = "peer_mean"
     # modules called through `run`, which the engine may wrap in torch.compile
@@ -79,6 +80,11 @@ class Method(nn.Module):
         return []
 
     @classmethod
+    def view_count(cls, cfg: Any) -> int:
+        """Augmented views the loader makes of each image: one per peer, or one shared by all."""
+        return cfg.peers
+
+    @classmethod
     def check(cls, cfg: Any) -> None:
         """Reject impossible hyperparameters with a ConfigError naming the first problem."""
         for ok, msg in cls.problems(cls.settings(cfg), cfg):
@@ -97,23 +103,32 @@ class Method(nn.Module):
     def mode(self) -> Optional[str]:
         return getattr(self.cfg, "mode", None)
 
-    def time_constants(self) -> dict[str, float]:
+    def time_constants(self) -> dict[str, Any]:
         """The effective (scaled) time constants, for the log and results.json."""
         return {}
+
+    def warnings(self) -> list[str]:
+        """What makes this configuration measure something else than intended; logged once at start."""
+        return []
 
     # -- training ------------------------------------------------------------------------
     def prepare(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None:
         """One-off work before the first epoch (e.g. teacher initialisation)."""
 
-    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
-        """Named losses for a batch; views are [K, B, C, H, W] (or [1, B, ...] if shared_view)."""
+    def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
+        """Named losses for a batch; views are [K, B, C, H, W] ([V, B, ...] with V = view_count).
+
+        `progress` is the training time in epochs, epoch + fraction of it done; weights that
+        follow a schedule are evaluated at `self.setup.time.at(progress)`."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
         """Update state that is not trained by the optimizer (EMA), after optimizer step `step`."""
 
-    def epoch_diagnostics(self) -> dict[str, float]:
-        """Values read once at the end of each training epoch (per-step ones go in StepOutput.monitors)."""
+    def epoch_diagnostics(self, probe: tuple[Tensor, Tensor], progress: float) -> dict[str, float]:
+        """Values measured once at the end of each training epoch (per-step ones go in
+        StepOutput.monitors), e.g. on `probe`: a small batch of training views and labels, the
+        same every epoch.  Must leave every state (weights, BatchNorm statistics) as it was."""
         return {}
 
     # -- evaluation and deployment -------------------------------------------------------

@@ -1,7 +1,8 @@
 """What the SPEC section 4 baselines (DML, CL, ONE, OKDDip, KDCL) share.
 
 `Baseline`: typed hyperparameters read from the flat run config, their checks, the
-ramp-up r(e) scaled to the run's length, peer reporting and deployment of peer 1."""
+ramp-up r(e) scaled to the run's length, the `views` switch of the branched methods,
+peer reporting and deployment of peer 1."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,15 @@ class RampedConfig(DistillConfig):
     rampup_max: float = 1.0
 
 
+VIEWS = ("per_peer", "shared")
+
+
+@dataclass
+class BranchedConfig(RampedConfig):
+    # per_peer: tail i trains on view i (SPEC); shared: every tail on one view (the authors' code)
+    views: str = "per_peer"
+
+
 class Baseline(Method):
     """Shared plumbing; subclasses set Config and implement `losses` and `eval_logits`."""
 
@@ -44,7 +54,17 @@ class Baseline(Method):
         if isinstance(hp, RampedConfig):
             out += [(hp.rampup_length > 0, f"rampup_length must be > 0, got {hp.rampup_length}"),
                     (hp.rampup_max >= 0, f"rampup_max must be >= 0, got {hp.rampup_max}")]
+        if isinstance(hp, BranchedConfig):
+            out.append((hp.views in VIEWS, f"views must be one of {', '.join(VIEWS)}, got {hp.views!r}"))
         return out
+
+    @classmethod
+    def view_count(cls, cfg: Any) -> int:
+        return 1 if getattr(cls.settings(cfg), "views", None) == "shared" else cfg.peers
+
+    def inputs(self, views: Tensor) -> Tensor:
+        """What the model is called with: the K views, or the one shared view ([B, C, H, W])."""
+        return views[0] if self.view_count(self.cfg) == 1 else views
 
     def branched(self, tails: int, **options) -> Branched:
         """One trunk and `tails` tails of the run's model, no ensemble head (options: see Branched)."""
@@ -54,12 +74,14 @@ class Baseline(Method):
         """K independent networks of the run's model."""
         return self.setup.cohort()
 
-    def kd_weight(self, epoch: float) -> float:
-        """r(e), with the ramp length scaled to this run (setup.time)."""
-        return sigmoid_rampup(epoch, self.rampup_length, self.hp.rampup_max)
+    def kd_weight(self, progress: float) -> float:
+        """r(e) after `progress` epochs, with the ramp length scaled to this run (setup.time)."""
+        return sigmoid_rampup(self.setup.time.at(progress), self.rampup_length, self.hp.rampup_max)
 
-    def time_constants(self) -> dict[str, float]:
-        return {} if self.rampup_length is None else {"rampup_epochs": self.rampup_length}
+    def time_constants(self) -> dict[str, Any]:
+        if self.rampup_length is None:
+            return {}
+        return {**self.setup.time.describe(), "rampup_epochs": self.rampup_length}
 
     def peer_outputs(self, logits: Tensor) -> dict[str, Tensor]:
         """peer1..peerK and their logit mean, "ensemble"."""

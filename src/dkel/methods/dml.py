@@ -3,7 +3,8 @@
 A cohort of K independent networks, all trained on the same view of each image:
 L_k = CE(z_k, y) + (1/(K-1)) sum_{l != k} KD_tau(z_k, z_l), the peers' logits detached,
 all networks updated together by one optimizer.  The default is SPEC's tau = 3 with the
-tau^2 factor; the DML paper's own setting is temperature=1 tau_squared=false."""
+tau^2 factor; the DML paper's own loss is temperature=1 tau_squared=false (its alternating
+updates, one network after the other, are not offered: dkel updates the cohort jointly)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,14 +26,19 @@ class DML(Baseline):
     summary = "cohort of K networks on one shared view, each distilling from every other peer"
     paper = "Zhang et al., CVPR 2018"
     Config = DMLConfig
-    shared_view = True
+    authors_switches = ("temperature=1 tau_squared=false: the DML paper's plain KL at tau = 1 (its "
+                        "alternating updates are not offered; the cohort is updated jointly)",)
+
+    @classmethod
+    def view_count(cls, cfg) -> int:
+        return 1
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
         self.student = self.cohort()
 
-    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
-        logits = self.run("student", views[0]).logits  # the single shared view [B, C, H, W]
+    def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
+        logits = self.run("student", self.inputs(views)).logits
         terms = dml_loss(logits, labels, temperature=self.hp.temperature, tau_squared=self.hp.tau_squared)
         return StepOutput(terms, logits[0])
 

@@ -18,7 +18,7 @@ class Independent(Method):
         super().__init__(cfg, setup)
         self.student = setup.cohort()
 
-    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
+    def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
         logits = self.run("student", views).logits
         return StepOutput({"loss": cross_entropy(logits, labels)}, logits[0])
 

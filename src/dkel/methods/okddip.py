@@ -3,7 +3,8 @@
 A branched model whose tails are K auxiliary peers plus one group leader.  Convention:
 `peers` = K counts the auxiliary peers only and the leader is an extra tail (K + 1 tails;
 peers=3 is the official 3 peers + leader).  The loader gives K views, so the leader reads
-the trunk output of view 1 (the official code feeds every branch the same image).
+the trunk output of view 1; views=shared feeds every tail the same view, as the official
+code does.
 leader_in_peers=true instead makes the leader the K-th of `peers` tails (K - 1 auxiliary
 peers, each tail on its own view), the official code's `num_branches` convention.
 
@@ -12,7 +13,8 @@ no bias, shared by the peers), alpha_ab = softmax_b(q_a . k_b) and the target
 t_a = sum_b alpha_ab z_b, which is NOT detached (it trains W_q, W_k).  The leader learns
 from the mean of the auxiliary peers, detached:
 L = sum_a CE(z_a, y) + CE(z_L, y) + r(e) [ sum_a KD_tau(z_a, t_a) + KD_tau(z_L, mean_a z_a) ].
-The leader is reported as the deployed number and deployed."""
+detach_leader_target=false lets that distillation train the peers too (the official
+train_GL.py).  The leader is reported as the deployed number and deployed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,13 +26,14 @@ from ..errors import ConfigError
 from ..losses import attention_targets, attention_weights, okddip_loss
 from ..models import Branched, PeerOutputs
 from .base import StepOutput, peer_names
-from .common import Baseline, RampedConfig
+from .common import Baseline, BranchedConfig
 
 
 @dataclass
-class OKDDipConfig(RampedConfig):
+class OKDDipConfig(BranchedConfig):
     attention_factor: int = 8  # W_q, W_k project the d-dim pooled feature to d // attention_factor
     leader_in_peers: bool = False  # false: peers auxiliary peers + 1 extra leader tail
+    detach_leader_target: bool = True  # false: the leader's KD also trains the peers (official train_GL.py)
 
 
 class OkddipOutputs(NamedTuple):
@@ -71,6 +74,8 @@ class OKDDip(Baseline):
     paper = "Chen et al., AAAI 2020"
     Config = OKDDipConfig
     deploy_metric = "leader"
+    authors_switches = ("views=shared: one view for every peer and the leader, as in the official code",
+                        "detach_leader_target=false: the leader's target keeps its gradient (official train_GL.py)")
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
@@ -91,11 +96,11 @@ class OKDDip(Baseline):
             (aux >= 2, f"OKDDip needs at least 2 auxiliary peers, got {aux} (peers={cfg.peers}, "
                        f"leader_in_peers={hp.leader_in_peers})")]
 
-    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
-        out = self.run("student", views)
-        r = self.kd_weight(epoch)
+    def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
+        out = self.run("student", self.inputs(views))
+        r = self.kd_weight(progress)
         terms = okddip_loss(out.peers.logits, out.leader, out.targets, labels, kd_weight=r,
-                            temperature=self.hp.temperature)
+                            temperature=self.hp.temperature, detach_leader_target=self.hp.detach_leader_target)
         self_attention = out.alpha.detach().diagonal(dim1=1, dim2=2).mean()
         return StepOutput({**terms, "w_rampup": r, "attention_self": self_attention}, out.leader)
 

@@ -1,7 +1,7 @@
 """ONE, on-the-fly native ensemble (Lan et al., NeurIPS 2018), SPEC section 4.
 
-A branched model (one trunk, K tails, each on its own view) plus a gate on the trunk
-output: global average pool -> Linear(C_trunk -> K) -> BatchNorm1d(K) -> ReLU -> softmax
+A branched model (one trunk, K tails, each on its own view; views=shared: all on one, as
+in the authors' code) plus a gate on the trunk output: global average pool -> Linear(C_trunk -> K) -> BatchNorm1d(K) -> ReLU -> softmax
 gives g [B, K] and the gated ensemble z_e = sum_i g_i z_i.  With K training views the
 gate reads the pooled trunk output averaged over the views (at test time: the one view).
 L = sum_i CE(z_i, y) + CE(z_e, y) + r(e) sum_i KD_tau(z_i, z_e), z_e detached.
@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from ..losses import gated_ensemble, one_loss
 from ..models import Branched, PeerOutputs, pool_trunk
 from .base import StepOutput, named_peers
-from .common import Baseline, RampedConfig
+from .common import Baseline, BranchedConfig
 
 
 @dataclass
-class ONEConfig(RampedConfig):
+class ONEConfig(BranchedConfig):
     pass
 
 
@@ -57,14 +57,15 @@ class ONE(Baseline):
     summary = "K tails on one trunk with a softmax gate; every branch distils from the gated ensemble"
     paper = "Lan et al., NeurIPS 2018"
     Config = ONEConfig
+    authors_switches = ("views=shared: one view for every branch and the gate, as in Lan et al.'s code",)
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)
         self.student = OneStudent(self.branched(setup.peers))
 
-    def losses(self, views: Tensor, labels: Tensor, epoch: int) -> StepOutput:
-        out = self.run("student", views)
-        r = self.kd_weight(epoch)
+    def losses(self, views: Tensor, labels: Tensor, progress: float) -> StepOutput:
+        out = self.run("student", self.inputs(views))
+        r = self.kd_weight(progress)
         terms = one_loss(out.logits, out.ensemble, labels, kd_weight=r, temperature=self.hp.temperature)
         return StepOutput({**terms, "w_rampup": r}, out.logits[0])
 

@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""The decoupling study (configs/studies/decoupling.yaml): train it, then tabulate it.
+
+    python studies/decoupling.py run --base configs/studies/cifar10_resnet8_decoupling.yaml \
+        --seeds 8 --jobs 2 --out runs/decoupling [--dry-run] [key=value ...]
+    python studies/decoupling.py analyze runs/decoupling --out docs/study-decoupling
+
+`run` trains every variant with one `dkel compare` per variant (name=<variant>, so the run
+folders are OUT/<dataset>/<method>-<model>/<variant>-seed<k>); running it again skips finished
+runs and resumes interrupted ones.  `analyze` writes paired.md / paired.csv: per variant the
+deployed teacher's and the student peers' last-epoch accuracy, their paired differences to the
+baseline variant (same seed: same initial weights and batches) with a 95% t-interval over the
+seeds, and how many runs collapsed; plus grad_shares.png (each loss term's share of the gradient
+at the student logits per epoch, mean over seeds) and teacher.png (the teacher instruments)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dkel.compare import Run, find_runs  # noqa: E402
+from dkel.engine import collapsed as engine_collapsed  # noqa: E402
+
+VARIANTS = ROOT / "configs" / "studies" / "decoupling.yaml"
+QUANTITIES = (("deploy_acc", "deployed teacher"), ("student_mean", "student peers (mean)"))
+
+
+def load_variants(path: Path = VARIANTS) -> tuple[str, dict[str, dict[str, Any]]]:
+    study = yaml.safe_load(path.read_text())
+    return study["baseline"], study["variants"]
+
+
+def _value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[str]) -> list[list[str]]:
+    """One `dkel compare` per variant, with the variant's keys and name=<variant>."""
+    _, variants = load_variants()
+    commands = []
+    for name, keys in variants.items():
+        keys = dict(keys)
+        method = keys.pop("method")
+        commands.append([sys.executable, "-m", "dkel", "compare", "--config", str(base), "--methods", method,
+                         "--seeds", str(seeds), "--jobs", str(jobs), "--out", str(out), f"name={name}",
+                         *(f"{k}={_value(v)}" for k, v in keys.items()), *extra])
+    return commands
+
+
+# ----------------------------------------------------------------------------- statistics
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean of paired differences over seeds."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def collapsed(run: Run, num_classes: Optional[int]) -> bool:
+    """The engine stopped the run for a collapse, or (collapse_check=false) its last epoch meets the
+    engine's criterion: logits shrunk to zero at chance accuracy (needs `num_classes`)."""
+    log = run.folder / "train.log"
+    if log.is_file() and "training collapsed" in log.read_text():
+        return True
+    return bool(num_classes and run.history and engine_collapsed(run.history[-1], num_classes))
+
+
+def accuracy(run: Run, quantity: str) -> Optional[float]:
+    if run.status != "done":
+        return None
+    value = run.results["deploy_acc"] if quantity == "deploy_acc" else run.results["metrics"].get(quantity)
+    return None if value is None else 100 * value
+
+
+def by_variant(runs: list[Run]) -> dict[str, dict[int, Run]]:
+    out: dict[str, dict[int, Run]] = {}
+    for r in runs:
+        out.setdefault(r.key["variant"], {})[int(r.key["seed"])] = r
+    return out
+
+
+def paired_rows(runs: list[Run], baseline: str, order: list[str], num_classes: Optional[int]) -> list[dict[str, Any]]:
+    """One row per variant: means, paired differences to `baseline` with 95% intervals, collapses."""
+    groups = by_variant(runs)
+    if baseline not in groups:
+        raise SystemExit(f"no runs of the baseline variant {baseline!r} (found: {', '.join(groups)})")
+    rows = []
+    for variant in [v for v in order if v in groups] + sorted(set(groups) - set(order)):
+        seeds = groups[variant]
+        row: dict[str, Any] = {"variant": variant, "runs": len(seeds),
+                               "finished": sum(r.status == "done" for r in seeds.values()),
+                               "collapsed": sum(collapsed(r, num_classes) for r in seeds.values())}
+        for quantity, _ in QUANTITIES:
+            mine = {s: accuracy(r, quantity) for s, r in seeds.items()}
+            mine = {s: v for s, v in mine.items() if v is not None}
+            row[f"{quantity}_mean"] = sum(mine.values()) / len(mine) if mine else math.nan
+            ref = {s: accuracy(r, quantity) for s, r in groups[baseline].items()}
+            pairs = [mine[s] - ref[s] for s in sorted(mine) if ref.get(s) is not None]
+            row[f"{quantity}_pairs"] = len(pairs)
+            diff = t_interval(pairs) if pairs and variant != baseline else (math.nan,) * 3
+            row[f"{quantity}_diff"], row[f"{quantity}_low"], row[f"{quantity}_high"] = diff
+        consts = next((r.results.get("time_constants", {}) for r in seeds.values() if r.results), {})
+        row["ema_horizon_steps"] = consts.get("ema_horizon_steps")
+        rows.append(row)
+    return rows
+
+
+def _num(value: Any, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
+    head = ["variant", "runs (finished)", "collapsed", "EMA horizon (steps)"]
+    for _, label in QUANTITIES:
+        head += [f"{label}, %", f"− {baseline} (paired, 95% CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["variant"], f"{row['runs']} ({row['finished']})", str(row["collapsed"]),
+                 _num(row["ema_horizon_steps"], 0)]
+        for quantity, _ in QUANTITIES:
+            diff = row[f"{quantity}_diff"]
+            ci = (f"{_num(diff, sign=True)} [{_num(row[f'{quantity}_low'], sign=True)}, "
+                  f"{_num(row[f'{quantity}_high'], sign=True)}], n={row[f'{quantity}_pairs']}"
+                  if not math.isnan(diff) else "—")
+            cells += [_num(row[f"{quantity}_mean"]), ci]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Accuracy at the last epoch in %. Paired differences: variant − {baseline} with the same seed "
+                  "(same initial weights and batches), mean and 95% t-interval over the seeds both finished. "
+                  "Collapsed: stopped by the engine's collapse check (logits shrunk to zero at chance accuracy)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def mean_curves(runs: dict[int, Run], prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Column -> [(epoch, mean over seeds)] for the metrics.csv columns starting with `prefix`."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for r in runs.values():
+        for row in r.history:
+            for key, value in row.items():
+                if key.startswith(prefix) and value is not None:
+                    sums.setdefault(key, {}).setdefault(int(row["epoch"]), []).append(value)
+    return {k: sorted((e, sum(v) / len(v)) for e, v in per.items()) for k, per in sums.items()}
+
+
+def plot_instruments(runs: list[Run], order: list[str], out: Path) -> list[Path]:
+    from dkel.plots import plt
+
+    groups = by_variant(runs)
+    names = [v for v in order if v in groups] + sorted(set(groups) - set(order))
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    written = []
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        curves = mean_curves(groups[name], "grad_share_")
+        if curves:
+            epochs = [e for e, _ in next(iter(curves.values()))]
+            ax.stackplot(epochs, *[[v for _, v in c] for c in curves.values()],
+                         labels=[k[len("grad_share_"):] for k in curves], alpha=0.85)
+        ax.set(title=name, xlabel="epoch", ylim=(0, 1))
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("share of the gradient norm")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("each loss term's share of the gradient at the student logits (probe batch, mean over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "grad_shares.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "grad_shares.png")
+    keys = ("init_teacher_weight", "probe_agree_student_teacher", "probe_agree_teacher_peers",
+            "probe_kl_student_teacher")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name in names:
+            curve = mean_curves(groups[name], key).get(key)
+            if curve:
+                ax.plot([e for e, _ in curve], [v for _, v in curve], label=name)
+        ax.set(title=key.replace("probe_", ""), xlabel="epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("the teacher on the probe batch (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "teacher.png", dpi=110)
+    plt.close(fig)
+    return written + [out / "teacher.png"]
+
+
+def analyze(folders: list[Path], out: Path, num_classes: Optional[int]) -> str:
+    baseline, variants = load_variants()
+    runs = [r for r in find_runs(folders) if r.key.get("variant") in variants]
+    rows = paired_rows(runs, baseline, list(variants), num_classes)
+    text = markdown(rows, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paired.md").write_text(text)
+    write_csv(rows, out / "paired.csv")
+    written = plot_instruments(runs, list(variants), out)
+    return text + "\nwrote " + ", ".join(str(p) for p in [out / "paired.md", out / "paired.csv", *written])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every variant (one dkel compare each)")
+    run.add_argument("--base", type=Path, required=True, help="base config (configs/studies/*_decoupling.yaml)")
+    run.add_argument("--seeds", type=int, default=8)
+    run.add_argument("--jobs", type=int, default=1)
+    run.add_argument("--out", type=Path, default=Path("runs/decoupling"))
+    run.add_argument("--dry-run", action="store_true", help="print the commands only")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="keys for every run (e.g. epochs=2)")
+    ana = sub.add_parser("analyze", help="paired-difference table and instrument plots from the run folders")
+    ana.add_argument("folders", nargs="+", type=Path)
+    ana.add_argument("--out", type=Path, required=True)
+    ana.add_argument("--classes", type=int, default=None,
+                     help="number of classes: also count finished runs whose last epoch meets the collapse criterion")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides):
+            print("$ dkel " + " ".join(command[3:]), flush=True)
+            if not args.dry_run:
+                subprocess.run(command, check=True, cwd=ROOT)
+    else:
+        print(analyze(args.folders, args.out, args.classes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""studies/decoupling.py: its variants are what they claim, its paired statistics and collapse counts."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_config
+from dkel.config import TimeScale
+from dkel.methods import METHODS, Setup
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("decoupling", ROOT / "studies" / "decoupling.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def effective(method):
+    """What a PCL/DKEL instance actually does, component by component."""
+    return {"mode": method.hp.mode, "warmup": method.warmup, "init": method.init_schedule(),
+            "decay": method.hp.decay, "dk_rampup": method.hp.dk_rampup, "dk_weight": method.hp.dk_weight,
+            "alpha": method.alpha}
+
+
+# which components each variant changes relative to PCL
+CHANGES = {"pcl": set(), "pcl-nowarmup": {"warmup"}, "pcl-nowarmup-init1": {"warmup", "init"},
+           "pcl-nowarmup-init10": {"warmup", "init"}, "pcl-decay": {"decay"}, "pcl-unramped": {"dk_rampup"},
+           "dkel-paper": {"warmup", "init", "decay", "dk_rampup"},
+           "dkel-reference": {"mode", "init", "decay", "dk_rampup"}, "pcl-h20": {"alpha"},
+           "dkel-paper-h20": {"warmup", "init", "decay", "dk_rampup", "alpha"}}
+
+
+def test_each_variant_moves_exactly_its_components_away_from_pcl():
+    baseline, variants = study.load_variants()
+    assert baseline == "pcl" and set(variants) == set(CHANGES)
+    built = {}
+    for name, keys in variants.items():
+        cfg = make_config(**keys)
+        built[name] = effective(METHODS.get(cfg.method)(cfg, Setup("resnet8", 10, 1, 3, 20, 79, TimeScale())))
+    for name, values in built.items():
+        changed = {k for k in values if values[k] != built["pcl"][k]}
+        assert changed == CHANGES[name], name
+    assert built["pcl-nowarmup-init10"]["init"] == (10, 0.01) and built["pcl-h20"]["alpha"] == 0.95
+
+
+def test_paper_scale_config_is_the_spec_recipe_at_the_papers_length():
+    cfg = make_config(**yaml.safe_load((ROOT / "configs/studies/cifar100_resnet32_decoupling.yaml").read_text()))
+    assert (cfg.dataset, cfg.model, cfg.epochs, cfg.milestones, cfg.batch_size) == ("cifar100", "resnet32", 300,
+                                                                                    [150, 225], 128)
+    time = TimeScale.for_run(cfg.time_scale, cfg.epochs, 391, 300)
+    assert time.factor == 1.0 and time.ema_alpha(0.999) == 0.999
+
+
+def test_t_interval_by_hand():
+    mean, low, high = study.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) * sd 1 / sqrt(3)
+    assert (mean, low, high) == (2.0, pytest.approx(2 - half), pytest.approx(2 + half))
+
+
+def fake(root, variant, seed, acc=None, student=None, log="", logit_norm=5.0):
+    folder = root / "cifar10" / "dkel-resnet8" / f"{variant}-seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text(f"epoch,deploy_acc,student_logit_norm\n2,{acc or 0.1},{logit_norm}\n")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"method": "dkel", "model": "resnet8", "dataset": "cifar10",
+                                                        "seed": seed, "epochs": 2, "name": variant}))
+    (folder / "train.log").write_text(log)
+    if acc is not None:
+        (folder / "results.json").write_text(json.dumps({
+            "method": "dkel", "model": "resnet8", "dataset": "cifar10", "seed": seed, "epochs": 2,
+            "deploy_acc": acc, "metrics": {"student_mean": student}, "time_constants": {"ema_horizon_steps": 100}}))
+
+
+def test_paired_rows_pair_by_seed_and_count_collapses(tmp_path):
+    for seed, (a, s) in enumerate([(0.70, 0.69), (0.72, 0.70), (0.71, 0.71)]):
+        fake(tmp_path, "pcl", seed, a, s)
+    fake(tmp_path, "dkel-paper", 0, 0.71, 0.70)
+    fake(tmp_path, "dkel-paper", 1, 0.74, 0.71)
+    fake(tmp_path, "dkel-paper", 2, log="... stopped: training collapsed (mean logit norm 0.01) at epoch 2")
+    fake(tmp_path, "dkel-paper", 3, 0.10, 0.10, logit_norm=0.01)  # collapsed, no pcl seed 3 to pair with
+    fake(tmp_path, "dkel-paper", 4, 0.10, 0.10)  # at chance, but its logits did not shrink
+    runs = study.find_runs([tmp_path])
+    rows = {r["variant"]: r for r in study.paired_rows(runs, "pcl", ["pcl", "dkel-paper"], num_classes=10)}
+    paper = rows["dkel-paper"]
+    assert (paper["runs"], paper["finished"], paper["collapsed"]) == (5, 4, 2)
+    assert paper["deploy_acc_pairs"] == 2 and paper["deploy_acc_diff"] == pytest.approx(1.5)  # +1 and +2 points
+    half = 12.706204736174696 * math.sqrt(0.5) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert paper["deploy_acc_low"] == pytest.approx(1.5 - half) and paper["deploy_acc_high"] == pytest.approx(1.5 + half)
+    assert paper["student_mean_diff"] == pytest.approx(1.0)  # +1 and +1
+    assert math.isnan(rows["pcl"]["deploy_acc_diff"]) and rows["pcl"]["collapsed"] == 0
+    text = study.markdown(list(rows.values()), "pcl")
+    assert "| dkel-paper | 5 (4) | 2 | 100 |" in text and "+1.50 [" in text and "n=2" in text
+
+
+def test_compare_commands_name_each_variant(tmp_path):
+    commands = study.compare_commands(Path("base.yaml"), 8, tmp_path, 2, ["epochs=2"])
+    assert len(commands) == len(CHANGES)
+    pcl = next(c for c in commands if "name=pcl-nowarmup-init10" in c)
+    assert pcl[3:5] == ["compare", "--config"] and "--methods" in pcl and "dkel" in pcl
+    assert {"init_steps=10", "ema_warmup=false", "dk_rampup=true", "decay=none", "epochs=2"} <= set(pcl)
