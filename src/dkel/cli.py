@@ -213,6 +213,8 @@ def add_bench(sub) -> None:
     p.add_argument("--iters", type=int, default=12, help="timed steps of each network")
     p.add_argument("--rounds", type=int, default=4, help="interleaving rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true",
+                   help="also count aten operator calls per step (and CUDA kernels on a GPU) with torch.profiler")
     p.add_argument("--processes", type=int, default=1,
                    help="throughput preset: run this many copies at once and sum their img/s "
                         "(several runs sharing one GPU)")
@@ -230,13 +232,13 @@ def cmd_bench(args) -> None:
         copy = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                 ("method", "model", "num_classes", "batch_size", "peers", "device", "precision", "warmup", "iters",
                  "rounds")]
-        copy += [f"--{flag.replace('_', '-')}" for flag in ("compile", "end_to_end") if getattr(args, flag)]
+        copy += [f"--{flag.replace('_', '-')}" for flag in ("compile", "end_to_end", "profile") if getattr(args, flag)]
         copy += [f"--threads={args.threads}"] if args.threads else []
         print_result(run_processes(copy + args.overrides, args.processes), args.json)
         return
     result = run_bench(args.method, args.model, args.num_classes, args.batch_size, args.peers, args.device,
                        args.precision, args.compile, args.end_to_end, args.threads, args.warmup, args.iters,
-                       args.rounds, args.overrides)
+                       args.rounds, args.overrides, args.profile)
     print_result(result, args.json)
 
 

@@ -23,6 +23,7 @@ SCHEDULES = ("cosine", "multistep")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PACKED = ("auto", True, False)
 
 
 @dataclass
@@ -55,7 +56,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # default: on
-    compile: bool = False
+    # K peers (and a teacher, a cohort) as one grouped network: auto | true | false; auto packs
+    # where that is faster (CUDA; docs/performance.md) and every module type is packable
+    packed: Union[str, bool] = "auto"
+    compile: bool = False  # torch.compile the whole training step
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     threads: Optional[int] = None  # CPU threads (default: torch's choice)
     eval_batch_size: int = 1000
@@ -166,6 +170,7 @@ def validate(cfg: Any) -> Any:
     need(cfg.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {cfg.progress!r}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"train_subset must be >= 1, got {cfg.train_subset}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.packed in PACKED, f"packed must be auto, true or false, got {cfg.packed!r}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale

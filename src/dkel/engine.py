@@ -28,12 +28,13 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from . import __version__, runtime
+from . import __version__, models, runtime
 from .config import TimeScale, to_dict
 from .data import ImageData, ViewLoader, atomic_save, eval_batches, load_dataset
 from .errors import DkelError, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import MODELS
+from .models.packing import packed_optimizer_state, parameter_map, unpacked_optimizer_state
 from .progress import Progress
 
 log = logging.getLogger("dkel")
@@ -105,9 +106,17 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
                                    spec.paper_steps_per_epoch)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale)
-    method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    method = build_method(cfg, setup, rt)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, loader, method)
+
+
+def build_method(cfg: Any, setup: Setup, rt: runtime.Runtime) -> Method:
+    """The method's modules on the device, packed as `cfg.packed` says (initialised unpacked, so
+    packed and unpacked runs start from the same weights)."""
+    method = METHODS.get(cfg.method)(cfg, setup)
+    models.pack_peers(method, cfg.packed, rt.device, sync_bn=cfg.sync_bn and rt.distributed)
+    return method.to(rt.device, memory_format=rt.memory_format)
 
 
 def lr_at(cfg: Any, epoch: float) -> float:
@@ -158,10 +167,12 @@ class Stepper:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+        """In the unpacked layout whether the student is packed or not, so a run resumes either way."""
+        optimizer = unpacked_optimizer_state(parameter_map(self.method.student), self.optimizer.state_dict())
+        return {"optimizer": optimizer, "scaler": self.scaler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(packed_optimizer_state(parameter_map(self.method.student), state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
 

@@ -131,6 +131,5 @@ def named_peers(prefix: str, logits: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def ema_update(teacher: list[Tensor], student: list[Tensor], alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student, as two fused multi-tensor ops."""
-    torch._foreach_mul_(teacher, alpha)
-    torch._foreach_add_(teacher, student, alpha=1.0 - alpha)
+    """teacher <- alpha * teacher + (1 - alpha) * student, as one fused multi-tensor op."""
+    torch._foreach_lerp_(teacher, student, 1.0 - alpha)

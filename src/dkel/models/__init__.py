@@ -1,14 +1,19 @@
-"""Model zoo: `create` gives a plain network, `create_branched` / `create_cohort` the multi-peer ones."""
+"""Model zoo: `create` gives a plain network, `create_branched` / `create_cohort` the multi-peer ones,
+`pack_peers` packs the multi-peer ones inside a method."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Union
 
-from ..errors import ConfigError
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DkelError
 from ..registry import Registry
 from .core import Backbone, Branched, Cohort, PeerOutputs, SingleNet, Tail
 from .densenet import densenet_bc
+from .packing import NotPackable
 from .resnet import CIFAR_RESNETS, TINY_RESNETS
 from .vgg import vgg16
 
@@ -65,10 +70,36 @@ def create_cohort(name: str, num_classes: int, peers: int = 3, in_channels: int 
     return Cohort(lambda: backbone(name, num_classes, in_channels), peers)
 
 
+# device type -> whether packed=auto packs there: whichever was faster (docs/performance.md)
+PACK_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+
+def pack_peers(root: nn.Module, packed: Union[str, bool], device: torch.device, sync_bn: bool = False) -> bool:
+    """Pack every Branched and Cohort of more than one peer inside `root`; returns whether it did.
+
+    packed="auto" packs where that is faster (PACK_BY_DEFAULT) and every module is packable;
+    True packs or raises a DkelError naming what cannot be packed; False leaves all as they are."""
+    containers = [m for m in root.modules() if isinstance(m, (Branched, Cohort)) and m.peers > 1]
+    if packed is False or not containers or (packed == "auto" and not PACK_BY_DEFAULT.get(device.type, False)):
+        return False
+    try:
+        if sync_bn:
+            raise NotPackable("sync_bn would merge the statistics of the views a packed trunk keeps apart")
+        for container in containers:
+            container.check_packable()
+    except NotPackable as e:
+        if packed is True:
+            raise DkelError(f"packed=true: {e}") from None
+        return False
+    for container in containers:
+        container.pack()
+    return True
+
+
 def _check_peers(peers: int) -> None:
     if peers < 1:
         raise ConfigError(f"peers must be >= 1, got {peers}")
 
 
-__all__ = ["MODELS", "Backbone", "Branched", "Cohort", "PeerOutputs", "SingleNet", "Tail", "backbone",
-           "create", "create_branched", "create_cohort"]
+__all__ = ["MODELS", "Backbone", "Branched", "Cohort", "NotPackable", "PeerOutputs", "SingleNet", "Tail",
+           "backbone", "create", "create_branched", "create_cohort", "pack_peers"]

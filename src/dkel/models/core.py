@@ -3,6 +3,8 @@
 A backbone is split into a *trunk* (stem and every stage but the last) and a *tail*
 (last stage, global pooling, classifier).  A plain network is trunk + one tail; a
 branched model shares one trunk between K tails; a cohort is K whole networks.
+Both multi-peer containers can be *packed* (`pack()`, see packing.py): the same
+outputs and state_dict, computed by one grouped network instead of K.
 """
 from __future__ import annotations
 
@@ -14,10 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import scale_grad
+from .packing import PackedPeers, PerViewNorms, channels_last, check_packable, packable, plain_norms
 
 
+@packable
 class Tail(nn.Module):
-    """Last stage -> pooled feature -> classifier; returns (logits, feature)."""
+    """Last stage -> pooled feature -> classifier; returns (logits, feature).
+
+    Packed (groups = K peers): grouped input [B, K*C, H, W] -> logits [K, B, classes] and
+    features [K, B, d]."""
+
+    groups = 1
 
     def __init__(self, stage: nn.Module, classifier: nn.Module):
         super().__init__()
@@ -26,6 +35,8 @@ class Tail(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feature = self.stage(x).mean(dim=(2, 3))
+        if self.groups > 1:
+            feature = feature.unflatten(1, (self.groups, -1)).transpose(0, 1)
         return self.classifier(feature), feature
 
 
@@ -39,6 +50,7 @@ class Backbone:
     trunk_channels: int  # channels of the trunk's output
 
 
+@packable
 class SingleNet(nn.Module):
     """A plain network: trunk + one tail, returning logits."""
 
@@ -58,13 +70,29 @@ class PeerOutputs(NamedTuple):
     trunk: Optional[list[Tensor]]  # branched models: the trunk output of each view
 
 
-def views_of(x: Tensor, views: int) -> list[Tensor]:
-    """One view per peer ([V, B, C, H, W]) or one view shared by all ([B, C, H, W])."""
+def shared_view(x: Tensor, views: int) -> bool:
+    """True for one view shared by all peers ([B, C, H, W]), False for `views` views ([V, B, C, H, W])."""
     if x.dim() == 4:
-        return [x]
+        return True
     if x.shape[0] != views:
         raise ValueError(f"got {x.shape[0]} views for a model that takes {views}")
-    return list(x.unbind(0))
+    return False
+
+
+def views_of(x: Tensor, views: int) -> list[Tensor]:
+    """One view per peer ([V, B, C, H, W]) or one view shared by all ([B, C, H, W])."""
+    return [x] if shared_view(x, views) else list(x.unbind(0))
+
+
+def grouped(views: list[Tensor], index: list[int]) -> Tensor:
+    """Views [B, C, H, W] -> peer-major grouped input [B, K*C, H, W] of peers reading views[i]
+    for i in index, in the views' memory format (one copy)."""
+    picked = [views[i] for i in index]
+    b, c, h, w = picked[0].shape
+    if channels_last(picked[0]):
+        stacked = torch.stack([v.permute(0, 2, 3, 1) for v in picked], dim=3)  # [B, H, W, K, C]
+        return stacked.view(b, h, w, -1).permute(0, 3, 1, 2)
+    return torch.stack(picked, dim=1).view(b, -1, h, w)
 
 
 class Branched(nn.Module):
@@ -88,18 +116,48 @@ class Branched(nn.Module):
             raise ValueError(f"tail_views {self.tail_views} must name one view for each of {peers} tails")
         self.views = max(self.tail_views) + 1
         self.trunk_grad_scale = trunk_grad_scale
+        self._norms: Optional[PerViewNorms] = None  # packed: the trunk's per-view BatchNorms
 
     @property
     def peers(self) -> int:
         return len(self.tails)
 
+    @property
+    def packed(self) -> bool:
+        return self._norms is not None
+
+    def check_packable(self) -> None:
+        check_packable(self.trunk)
+        for tail in self.tails:
+            check_packable(tail)
+
+    def pack(self) -> None:
+        """Run the views through the trunk as one batch and the tails as one grouped network."""
+        if not self.packed:
+            self.check_packable()
+            self._norms = PerViewNorms(self.trunk)
+            self.tails = PackedPeers(list(self.tails))
+
     def forward(self, x: Tensor) -> PeerOutputs:
-        views = views_of(x, self.views)
-        trunk = [scale_grad(self.trunk(v), self.trunk_grad_scale) for v in views]
-        outs = [tail(trunk[v if len(trunk) > 1 else 0]) for tail, v in zip(self.tails, self.tail_views)]
+        shared = shared_view(x, self.views)
+        index = [0] * self.peers if shared else self.tail_views
+        if self.packed:
+            return self._packed_forward(x.unsqueeze(0) if shared else x, index)
+        trunk = [scale_grad(self.trunk(v), self.trunk_grad_scale) for v in views_of(x, self.views)]
+        outs = [tail(trunk[v]) for tail, v in zip(self.tails, index)]
         features = [o[1] for o in outs]
         ensemble = self.head(torch.cat(features, dim=1)) if self.head is not None else None
         return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack(features), ensemble, trunk)
+
+    def _packed_forward(self, views: Tensor, index: list[int]) -> PeerOutputs:
+        """views [V, B, C, H, W] through the trunk as one batch of V*B, then the grouped tails."""
+        self._norms.start(views.shape[0])
+        out = scale_grad(self.trunk(views.flatten(0, 1)), self.trunk_grad_scale)
+        self._norms.finish()
+        trunk = list(out.unflatten(0, (views.shape[0], -1)).unbind(0))
+        logits, features = self.tails(grouped(trunk, index))
+        ensemble = self.head(features.transpose(0, 1).flatten(1)) if self.head is not None else None
+        return PeerOutputs(logits, features, ensemble, trunk)
 
     def without_head(self) -> "Branched":
         """A deep copy with the same trunk and tails but no ensemble head (an EMA teacher)."""
@@ -109,7 +167,8 @@ class Branched(nn.Module):
 
     def deploy(self, peer: int = 0) -> SingleNet:
         """A plain network whose outputs equal peer `peer`'s."""
-        return SingleNet(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer]))
+        tail = self.tails[peer] if self.packed else copy.deepcopy(self.tails[peer])
+        return SingleNet(plain_norms(copy.deepcopy(self.trunk)), tail)
 
 
 class Cohort(nn.Module):
@@ -126,12 +185,31 @@ class Cohort(nn.Module):
     def peers(self) -> int:
         return len(self.nets)
 
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.nets, PackedPeers)
+
+    def check_packable(self) -> None:
+        for net in self.nets:
+            check_packable(net)
+
+    def pack(self) -> None:
+        """Run the K networks as one grouped network."""
+        if not self.packed:
+            self.check_packable()
+            self.nets = PackedPeers(list(self.nets))
+
     def forward(self, x: Tensor) -> PeerOutputs:
         views = views_of(x, self.peers)
-        outs = [net.tail(net.trunk(views[i if len(views) > 1 else 0])) for i, net in enumerate(self.nets)]
+        index = [0] * self.peers if x.dim() == 4 else list(range(self.peers))
+        if self.packed:
+            net = self.nets.net
+            logits, features = net.tail(net.trunk(grouped(views, index)))
+            return PeerOutputs(logits, features, None, None)
+        outs = [net.tail(net.trunk(views[i])) for i, net in zip(index, self.nets)]
         logits = torch.stack([o[0] for o in outs])
         features = torch.stack([o[1] for o in outs])
         return PeerOutputs(logits, features, None, None)
 
     def deploy(self, peer: int = 0) -> SingleNet:
-        return copy.deepcopy(self.nets[peer])
+        return self.nets[peer] if self.packed else copy.deepcopy(self.nets[peer])
