@@ -44,7 +44,7 @@ def add_train(sub) -> None:
     p.add_argument("--download", action="store_const", const=True, help="download the dataset if missing")
     p.add_argument("--no-teacher-init", dest="teacher_init", action="store_const", const=False,
                    help="DKEL: skip the teacher initialisation (teacher_init=false)")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward passes")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the whole training step")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
@@ -206,7 +206,7 @@ def add_bench(sub) -> None:
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the whole training step")
     p.add_argument("--end-to-end", action="store_true", help="include the on-device data pipeline")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=3)

@@ -114,9 +114,10 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
 def build_method(cfg: Any, setup: Setup, rt: runtime.Runtime) -> Method:
     """The method's modules on the device, packed as `cfg.packed` says (initialised unpacked, so
     packed and unpacked runs start from the same weights)."""
-    method = METHODS.get(cfg.method)(cfg, setup)
-    models.pack_peers(method, cfg.packed, rt.device, sync_bn=cfg.sync_bn and rt.distributed)
-    return method.to(rt.device, memory_format=rt.memory_format)
+    method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    if models.pack_peers(method, cfg.packed, rt.device, sync_bn=cfg.sync_bn and rt.distributed):
+        method.to(memory_format=rt.memory_format)  # the grouped weights
+    return method
 
 
 def lr_at(cfg: Any, epoch: float) -> float:
@@ -133,37 +134,48 @@ def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimi
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
 
-def compile_forwards(method: Method, cfg: Any) -> None:
-    """torch.compile every forward the method calls in training, if asked."""
-    if cfg.compile:
-        for name in method.forward_modules:
-            method.wrap(name, lambda fn: torch.compile(fn, mode=cfg.compile_mode))
-
-
 class Stepper:
     """One optimisation step of a method: losses, backward, optimizer, schedule, EMA.
 
     The training loop and `dkel bench` both step through this, so what is benchmarked
-    is exactly what trains."""
+    is exactly what trains.  With `compile`, the whole step is one torch.compile'd function
+    (PyTorch still splits it into a few graphs, at the backward call and around the optimizer
+    step); the learning rate is then a device tensor updated in place, so the schedule does
+    not recompile it (methods' own schedules stay symbolic: see losses._exp)."""
 
     def __init__(self, cfg: Any, method: Method, rt: runtime.Runtime):
         self.cfg, self.method, self.rt = cfg, method, rt
         self.optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.step = 0
+        self._update = torch.compile(self._step, mode=cfg.compile_mode) if cfg.compile else self._step
+        self._lr_tensors()
+
+    def _lr_tensors(self) -> None:
+        if self.cfg.compile:
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.rt.device)
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, fraction: float = 0.0):
         """One step at `epoch` + `fraction` of it (which sets the learning rate)."""
+        lr = lr_at(self.cfg, epoch + fraction)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, epoch + fraction)
+            if self.cfg.compile:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._update(views, labels, epoch, self.step)
+        self.step += 1
+        return out
+
+    def _step(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, step: int):
         with self.rt.autocast():
             out = self.method.losses(views, labels, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.losses["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_step(self.step)
-        self.step += 1
+        self.method.after_step(step)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,6 +185,7 @@ class Stepper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(packed_optimizer_state(parameter_map(self.method.student), state["optimizer"]))
+        self._lr_tensors()
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
 
@@ -431,7 +444,6 @@ def _train(cfg, rt, data, loader, method, folder, ckpt) -> dict[str, Any]:
             method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         method.wrap("student", lambda m: DDP(m, device_ids=ids))
-    compile_forwards(method, cfg)
     consts = method.time_constants()
     if rt.main:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",

@@ -28,11 +28,17 @@ def full(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- weights
+def _exp(x: float) -> float:
+    """math.exp, but a power of e while torch.compile traces: the weight then stays a symbolic
+    input of the compiled step instead of a constant that recompiles it whenever it moves."""
+    return math.e ** x if torch.compiler.is_compiling() else math.exp(x)
+
+
 def sigmoid_rampup(epoch: float, length: float = 80.0, maximum: float = 1.0) -> float:
     """Mean-teacher ramp r(e) = max * exp(-5 (1 - e/length)^2) for e < length, max after."""
     if epoch >= length:
         return maximum
-    return maximum * math.exp(-5.0 * (1.0 - epoch / length) ** 2)
+    return maximum * _exp(-5.0 * (1.0 - epoch / length) ** 2)
 
 
 def reference_rampup(epoch: float, cutoff: float = 80.0, lam: float = REFERENCE_LAMBDA) -> float:
@@ -40,13 +46,13 @@ def reference_rampup(epoch: float, cutoff: float = 80.0, lam: float = REFERENCE_
     so r = 6.7e-4 at e=0, ~1e-177 at e=1, 0 until the cutoff, then lambda."""
     if epoch > cutoff:
         return lam
-    return lam * math.exp(-5.0 * (1.0 - epoch / lam) ** 2)
+    return lam * _exp(-5.0 * (1.0 - epoch / lam) ** 2)
 
 
 def decay_weight(epoch: float, kind: str = "exp", beta: float = 0.5, horizon: float = 10.0) -> float:
     """Weight w(e) of the decaying teacher ensemble."""
     if kind == "exp":
-        return math.exp(-beta * epoch)
+        return _exp(-beta * epoch)
     if kind == "cos":
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
     if kind == "linear":
@@ -111,7 +117,7 @@ def dkel_weights(epoch: float, *, mode: str = "paper", beta: float = 0.5, decay:
     """The three weights of DKEL at an epoch: ramp r, ensemble decay w, DK weight lambda_dk."""
     if mode == "reference":
         r = reference_rampup(epoch, cutoff=rampup_length)
-        w = math.exp(-beta * epoch)
+        w = _exp(-beta * epoch)
         return {"rampup": r, "decay": w if w > REFERENCE_CUTOFF else 0.0, "dk": r}
     if mode != "paper":
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")

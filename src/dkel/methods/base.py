@@ -44,8 +44,6 @@ class Method(nn.Module):
     shared_view: ClassVar[bool] = False  # True: every peer trains on the same view of an image
     # the reported output whose accuracy is `deploy_acc` (SPEC section 6 reporting rule)
     deploy_metric: ClassVar[str] = "peer_mean"
-    # modules called through `run`, which the engine may wrap in torch.compile
-    forward_modules: ClassVar[tuple[str, ...]] = ("student",)
 
     def __init__(self, cfg: Any, setup: Setup):
         super().__init__()
@@ -73,11 +71,11 @@ class Method(nn.Module):
                 raise ConfigError(msg)
 
     def run(self, name: str, x: Tensor):
-        """Call submodule `name` through its wrapper (DDP, torch.compile) if the engine set one."""
+        """Call submodule `name` through its wrapper (DDP) if the engine set one."""
         return self._runners.get(name, getattr(self, name))(x)
 
     def wrap(self, name: str, wrapper: Callable[[Callable], Callable]) -> None:
-        """Wrap how submodule `name` is called; wrappers compose (torch.compile over DDP)."""
+        """Wrap how submodule `name` is called; wrappers compose."""
         self._runners[name] = wrapper(self._runners.get(name, getattr(self, name)))
 
     @property

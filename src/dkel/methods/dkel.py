@@ -58,7 +58,6 @@ class DKEL(Method):
     paper = "Shao & Chen, arXiv 2312.11218"
     Config = DKELConfig
     min_peers = 2
-    forward_modules = ("student", "teacher")
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)

@@ -176,32 +176,34 @@ class PerViewNorms:
         for i, m in enumerate(self.tracked):
             m.slot, m.pending = i, self.pending
         self.flat: dict[str, Tensor] = {}
+        self._views: list[tuple[Tensor, ...]] = []  # per tracked norm, its buffers as views of `flat`
         self._cache: dict = {}
+        self._bind()
 
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
     def _bound(self) -> bool:
-        if not self.flat:
-            return not self.tracked
-        offset = 0
-        for i, m in enumerate(self.tracked):
-            for name, at in zip(self._NAMES, (offset, offset, i)):
-                flat = self.flat[name]
-                if m._buffers[name].data_ptr() != flat.data_ptr() + at * flat.element_size():
-                    return False
-            offset += m.num_features
-        return True
+        """Whether the modules still hold the views of the flat tensors (an identity test, which
+        torch.compile can guard on; deepcopy keeps it, `.to()` and `.double()` break it)."""
+        return len(self._views) == len(self.tracked) and all(
+            m._buffers[name] is view for m, views in zip(self.tracked, self._views)
+            for name, view in zip(self._NAMES, views))
 
     def _bind(self) -> None:
+        if not self.tracked:
+            return
         with torch.no_grad():
             self.flat = {name: torch.cat([m._buffers[name].reshape(-1) for m in self.tracked])
                          for name in self._NAMES}
         offset = 0
+        self._views = []
         for i, m in enumerate(self.tracked):
             c = m.num_features
-            m._buffers["running_mean"] = self.flat["running_mean"][offset:offset + c]
-            m._buffers["running_var"] = self.flat["running_var"][offset:offset + c]
-            m._buffers["num_batches_tracked"] = self.flat["num_batches_tracked"][i]
+            views = (self.flat["running_mean"][offset:offset + c], self.flat["running_var"][offset:offset + c],
+                     self.flat["num_batches_tracked"][i])
+            for name, view in zip(self._NAMES, views):
+                m._buffers[name] = view
+            self._views.append(views)
             offset += c
         self._cache.clear()
 
@@ -235,23 +237,29 @@ class PerViewNorms:
 
     def _coefficients(self, v: int, counts: tuple[int, ...], device: torch.device, dtype: torch.dtype):
         """Per column of the flat tensors: (1-m)^V, m (1-m)^(V-1-k) per view k, the same times
-        n/(n-1), and the eps those add to the variance; built once per batch shape."""
+        n/(n-1), and the eps those add to the variance; built once per batch shape (compiled:
+        constants of the graph)."""
         key = (v, counts, device, dtype)
+        if torch.compiler.is_compiling():
+            return self._build(*key)
         if key not in self._cache:
-            cols: list[list[float]] = [[], [], []]
-            rows: list[list[float]] = [[] for _ in range(v)]
-            for m, n in zip(self.tracked, counts):
-                mom, unbiased = m.momentum, n / max(n - 1, 1)
-                coef = [mom * (1 - mom) ** (v - 1 - k) for k in range(v)]
-                for k in range(v):
-                    rows[k] += [coef[k]] * m.num_features
-                cols[0] += [(1 - mom) ** v] * m.num_features
-                cols[1] += [unbiased] * m.num_features
-                cols[2] += [sum(coef) * unbiased * m.eps] * m.num_features
-            t = partial(torch.tensor, device=device, dtype=dtype)
-            coef_mean = t(rows)
-            self._cache[key] = (t(cols[0]), coef_mean, coef_mean * t(cols[1]), t(cols[2]))
+            self._cache[key] = self._build(*key)
         return self._cache[key]
+
+    def _build(self, v: int, counts: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        cols: list[list[float]] = [[], [], []]
+        rows: list[list[float]] = [[] for _ in range(v)]
+        for m, n in zip(self.tracked, counts):
+            mom, unbiased = m.momentum, n / max(n - 1, 1)
+            coef = [mom * (1 - mom) ** (v - 1 - k) for k in range(v)]
+            for k in range(v):
+                rows[k] += [coef[k]] * m.num_features
+            cols[0] += [(1 - mom) ** v] * m.num_features
+            cols[1] += [unbiased] * m.num_features
+            cols[2] += [sum(coef) * unbiased * m.eps] * m.num_features
+        t = partial(torch.tensor, device=device, dtype=dtype)
+        coef_mean = t(rows)
+        return t(cols[0]), coef_mean, coef_mean * t(cols[1]), t(cols[2])
 
 
 def plain_norms(module: nn.Module) -> nn.Module:
