@@ -50,7 +50,7 @@ values). A key applies only to the methods that have it."""
 
 # keys that choose how a run executes, not what it computes: ignored when comparing configs
 EXECUTION_KEYS = {"device", "threads", "progress", "compile", "compile_mode", "data_dir", "cache_dir", "download", "tensorboard",
-                  "eval_batch_size", "channels_last"}
+                  "eval_batch_size", "channels_last", "packed"}
 GRID_KEYS = {"method", "model", "dataset", "seed", "runs_dir", "out"}
 PEER_SUFFIX = re.compile(r"\d+$")
 

@@ -314,7 +314,7 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale(**ckpt["setup"]["time"])})
-    method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    method = build_method(cfg, setup, rt)  # packed as in training, so evaluation repeats its numbers
     method.load_state_dict(ckpt["method"])
     method.eval()
     return cfg, method, ckpt, rt

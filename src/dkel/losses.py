@@ -23,8 +23,9 @@ def stack(logits: Logits) -> Tensor:
 
 
 def full(x: Tensor) -> Tensor:
-    """At least float32: half-precision logits from autocast are promoted, float64 kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """At least float32: half-precision logits from autocast are promoted, float64 kept (and no
+    operator is called for what already is: a no-op .to() still costs a dispatch per call)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- weights

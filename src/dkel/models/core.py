@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..losses import scale_grad
-from .packing import PackedPeers, PerViewNorms, channels_last, check_packable, packable, plain_norms
+from .packing import PackedPeers, PerViewNorms, check_packable, packable, plain_norms
 
 
 @packable
@@ -36,7 +36,7 @@ class Tail(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feature = self.stage(x).mean(dim=(2, 3))
         if self.groups > 1:
-            feature = feature.unflatten(1, (self.groups, -1)).transpose(0, 1)
+            feature = feature.view(feature.shape[0], self.groups, -1).transpose(0, 1)
         return self.classifier(feature), feature
 
 
@@ -67,7 +67,7 @@ class PeerOutputs(NamedTuple):
     logits: Tensor  # [K, B, C]
     features: Tensor  # [K, B, d] pooled tail features
     ensemble: Optional[Tensor]  # [B, C] from the peer-ensemble head, if any
-    trunk: Optional[list[Tensor]]  # branched models: the trunk output of each view
+    trunk: Optional[Sequence[Tensor]]  # branched models: the trunk output of each view (packed: [V, B, C, H, W])
 
 
 def shared_view(x: Tensor, views: int) -> bool:
@@ -84,15 +84,15 @@ def views_of(x: Tensor, views: int) -> list[Tensor]:
     return [x] if shared_view(x, views) else list(x.unbind(0))
 
 
-def grouped(views: list[Tensor], index: list[int]) -> Tensor:
-    """Views [B, C, H, W] -> peer-major grouped input [B, K*C, H, W] of peers reading views[i]
-    for i in index, in the views' memory format (one copy)."""
-    picked = [views[i] for i in index]
-    b, c, h, w = picked[0].shape
-    if channels_last(picked[0]):
-        stacked = torch.stack([v.permute(0, 2, 3, 1) for v in picked], dim=3)  # [B, H, W, K, C]
-        return stacked.view(b, h, w, -1).permute(0, 3, 1, 2)
-    return torch.stack(picked, dim=1).view(b, -1, h, w)
+def grouped(views: Tensor, index: list[int]) -> Tensor:
+    """Stacked views [V, B, C, H, W] -> peer-major grouped input [B, K*C, H, W] of the K peers
+    reading views[i] for i in index, in the views' memory format (one copy)."""
+    v, b, c, h, w = views.shape
+    if index != list(range(v)):
+        views = views.expand(len(index), -1, -1, -1, -1) if v == 1 else views[index]
+    if views.stride(2) == 1 and c > 1:  # channels-last views
+        return views.permute(1, 3, 4, 0, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    return views.transpose(0, 1).reshape(b, -1, h, w)
 
 
 class Branched(nn.Module):
@@ -152,11 +152,11 @@ class Branched(nn.Module):
     def _packed_forward(self, views: Tensor, index: list[int]) -> PeerOutputs:
         """views [V, B, C, H, W] through the trunk as one batch of V*B, then the grouped tails."""
         self._norms.start(views.shape[0])
-        out = scale_grad(self.trunk(views.flatten(0, 1)), self.trunk_grad_scale)
+        out = scale_grad(self.trunk(views.view(-1, *views.shape[2:])), self.trunk_grad_scale)
         self._norms.finish()
-        trunk = list(out.unflatten(0, (views.shape[0], -1)).unbind(0))
+        trunk = out.view(views.shape[0], -1, *out.shape[1:])
         logits, features = self.tails(grouped(trunk, index))
-        ensemble = self.head(features.transpose(0, 1).flatten(1)) if self.head is not None else None
+        ensemble = self.head(features.transpose(0, 1).view(features.shape[1], -1)) if self.head is not None else None
         return PeerOutputs(logits, features, ensemble, trunk)
 
     def without_head(self) -> "Branched":
@@ -200,12 +200,13 @@ class Cohort(nn.Module):
             self.nets = PackedPeers(list(self.nets))
 
     def forward(self, x: Tensor) -> PeerOutputs:
-        views = views_of(x, self.peers)
-        index = [0] * self.peers if x.dim() == 4 else list(range(self.peers))
+        shared = shared_view(x, self.peers)
+        index = [0] * self.peers if shared else list(range(self.peers))
         if self.packed:
             net = self.nets.net
-            logits, features = net.tail(net.trunk(grouped(views, index)))
+            logits, features = net.tail(net.trunk(grouped(x.unsqueeze(0) if shared else x, index)))
             return PeerOutputs(logits, features, None, None)
+        views = views_of(x, self.peers)
         outs = [net.tail(net.trunk(views[i])) for i, net in zip(index, self.nets)]
         logits = torch.stack([o[0] for o in outs])
         features = torch.stack([o[1] for o in outs])

@@ -85,15 +85,17 @@ def _stacked(t: Tensor) -> Tensor:
 
 class _PerViewNorm(torch.autograd.Function):
     """Batch normalisation of each of `views` stacked views with its own statistics, as a group
-    norm with one group per channel over [V, C, B, H, W]; returns (y, mean [V, C, 1, 1, 1],
-    rstd [V, C]).  A Function of its own so the layout changes cost no autograd nodes.
+    norm with one group per channel over [V, C, B, H, W]; returns (y, the sums [V, C, 1, 1, 1]
+    whose mean the running statistics need, rstd [V, C]).  A Function of its own so the layout
+    changes cost no autograd nodes.
 
     The input is first centred on its per-view means: the CPU group norm computes the variance
     as E[x^2] - E[x]^2, which loses ~1e-3 of fp32 precision where the mean is ~30x the spread
     (BatchNorm does not)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], views: int, eps: float):
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], views: int, eps: float,
+                grad: bool):
         free = x.device.type == "cpu" and channels_last(x)  # on CUDA group norm takes contiguous input only
         x5 = _by_view(x, views, free)
         w, b = weight, bias
@@ -101,21 +103,28 @@ class _PerViewNorm(torch.autograd.Function):
             w, b = w.to(x.dtype), b.to(x.dtype)
         c = x.shape[1]
         count = x.numel() // (views * c)
-        mean = x5.mean(dim=(2, 3, 4), keepdim=True)
-        x5 = x5 - mean
+        # float32 sums under autocast too (the running means come from them); a mean would cost four
+        # more operator calls
+        if x5.dtype in (torch.float32, torch.float64):
+            sums = x5.sum(dim=(2, 3, 4), keepdim=True)
+            x5 = torch.sub(x5, sums, alpha=1.0 / count)
+        else:
+            sums = x5.sum(dim=(2, 3, 4), keepdim=True, dtype=torch.float32)
+            x5 = torch.sub(x5, sums.to(x5.dtype), alpha=1.0 / count)
         y5, centred_mean, rstd = torch.native_group_norm(x5, w, b, views, c, count, c, eps)
         if free and y5.is_contiguous(memory_format=torch.channels_last_3d):
-            # the channels-last result over the same memory, as a tensor of its own: autograd forbids
-            # in-place changes (ReLU) of a view made inside a Function
-            y = x.new_empty(0).set_(y5.untyped_storage(), y5.storage_offset(), x.shape, x.stride())
+            # the channels-last result over the same memory; with autograd on, as a tensor of its own:
+            # autograd forbids in-place changes (ReLU) of a view made inside a Function
+            y = (x.new_empty(0).set_(y5.untyped_storage(), y5.storage_offset(), x.shape, x.stride()) if grad
+                 else y5.as_strided(x.shape, x.stride()))
         else:
             y = _stacked(y5)
         ctx.save_for_backward(x5, centred_mean, rstd, w)
         ctx.views, ctx.free = views, free
         ctx.dtypes = (None if weight is None else weight.dtype, x.dtype)
-        ctx.mark_non_differentiable(mean, rstd)
+        ctx.mark_non_differentiable(sums, rstd)
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
-        return y, mean, rstd
+        return y, sums, rstd
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -134,7 +143,7 @@ class _PerViewNorm(torch.autograd.Function):
             gw, gb = gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[0])
         if gx is not None:
             gx = gx.as_strided(gy.shape, gy.stride()) if ctx.free else _stacked(gx)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 class ViewBatchNorm2d(nn.BatchNorm2d):
@@ -150,20 +159,21 @@ class ViewBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.views == 1 or not self.training:
             return super().forward(x)
-        y, mean, rstd = _PerViewNorm.apply(x, self.weight, self.bias, self.views, self.eps)
+        y, sums, rstd = _PerViewNorm.apply(x, self.weight, self.bias, self.views, self.eps, torch.is_grad_enabled())
         if self.track_running_stats:
-            self.pending.append((self.slot, mean, rstd, x.numel() // x.shape[1] // self.views))
+            self.pending.append((self.slot, sums, rstd, x.numel() // x.shape[1] // self.views))
         return y
 
 
 class PerViewNorms:
     """The BatchNorms of a trunk that runs V views as one batch, as ViewBatchNorm2d modules.
 
-    Their running statistics live as views in three flat tensors, so that after a pass the V
-    sequential updates of every layer, in closed form
+    Their running means and variances live as views in one [2, sum C] tensor (and their batch
+    counters in one more), so that after a pass the V sequential updates of every layer, in
+    closed form
         r <- (1-m)^V r + sum_k m (1-m)^(V-1-k) s_k,
-    take a dozen operator calls instead of a dozen per layer.  The module buffers stay
-    what the state_dict holds; `start` rebinds them if something (`.to()`) replaced them."""
+    take a dozen operator calls instead of a dozen per layer.  The module buffers stay what the
+    state_dict holds; `start` rebinds them if something (`.to()`) replaced them."""
 
     def __init__(self, trunk: nn.Module):
         check_packable(trunk)
@@ -175,16 +185,17 @@ class PerViewNorms:
         self.pending: list = []
         for i, m in enumerate(self.tracked):
             m.slot, m.pending = i, self.pending
-        self.flat: dict[str, Tensor] = {}
-        self._views: list[tuple[Tensor, ...]] = []  # per tracked norm, its buffers as views of `flat`
+        self.stats: Optional[Tensor] = None  # [2, sum C]: running means, running variances
+        self.counts: Optional[Tensor] = None  # num_batches_tracked of each norm
+        self._views: list[tuple[Tensor, ...]] = []  # per tracked norm, its buffers as views of those
         self._cache: dict = {}
         self._bind()
 
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
     def _bound(self) -> bool:
-        """Whether the modules still hold the views of the flat tensors (an identity test, which
-        torch.compile can guard on; deepcopy keeps it, `.to()` and `.double()` break it)."""
+        """Whether the modules still hold the views (an identity test, which torch.compile can
+        guard on; deepcopy keeps it, `.to()` and `.double()` break it)."""
         return len(self._views) == len(self.tracked) and all(
             m._buffers[name] is view for m, views in zip(self.tracked, self._views)
             for name, view in zip(self._NAMES, views))
@@ -193,14 +204,14 @@ class PerViewNorms:
         if not self.tracked:
             return
         with torch.no_grad():
-            self.flat = {name: torch.cat([m._buffers[name].reshape(-1) for m in self.tracked])
-                         for name in self._NAMES}
+            self.stats = torch.stack([torch.cat([m._buffers[name] for m in self.tracked])
+                                      for name in self._NAMES[:2]])
+            self.counts = torch.stack([m._buffers[self._NAMES[2]] for m in self.tracked])
         offset = 0
         self._views = []
         for i, m in enumerate(self.tracked):
             c = m.num_features
-            views = (self.flat["running_mean"][offset:offset + c], self.flat["running_var"][offset:offset + c],
-                     self.flat["num_batches_tracked"][i])
+            views = (self.stats[0, offset:offset + c], self.stats[1, offset:offset + c], self.counts[i])
             for name, view in zip(self._NAMES, views):
                 m._buffers[name] = view
             self._views.append(views)
@@ -222,23 +233,23 @@ class PerViewNorms:
             return
         entries = sorted(self.pending, key=lambda e: e[0])
         self.pending.clear()
-        mean = torch.cat([e[1] for e in entries], dim=1).view(len(entries[0][2]), -1)  # [V, sum C]
+        v = entries[0][2].shape[0]
+        sums = torch.cat([e[1] for e in entries], dim=1).view(v, -1)  # [V, sum C]
         rstd = torch.cat([e[2] for e in entries], dim=1)
-        flat = self.flat
-        dtype = flat["running_mean"].dtype
-        if mean.dtype != dtype:
-            mean, rstd = mean.to(dtype), rstd.to(dtype)
-        decay, coef_mean, coef_var, shift = self._coefficients(mean.shape[0], tuple(e[3] for e in entries),
-                                                               mean.device, dtype)
-        flat["running_mean"].mul_(decay).add_((coef_mean * mean).sum(0))
-        # 1/rstd^2 - eps is each view's biased variance; coef_var makes it unbiased, as BatchNorm keeps it
-        flat["running_var"].mul_(decay).add_((coef_var * (rstd * rstd).reciprocal_()).sum(0)).sub_(shift)
-        flat["num_batches_tracked"].add_(mean.shape[0])
+        dtype = self.stats.dtype
+        if sums.dtype != dtype:  # autocast
+            sums, rstd = sums.to(dtype), rstd.to(dtype)
+        decay, coef, neg_eps, one = self._coefficients(v, tuple(e[3] for e in entries), sums.device, dtype)
+        # 1/rstd^2 - eps is each view's biased variance; the coefficients make it unbiased, as
+        # BatchNorm keeps it, and weigh the sums as means
+        observed = torch.stack([sums, torch.addcdiv(neg_eps, one, rstd * rstd)])
+        self.stats.mul_(decay).add_((coef * observed).sum(1))
+        self.counts.add_(v)
 
     def _coefficients(self, v: int, counts: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-        """Per column of the flat tensors: (1-m)^V, m (1-m)^(V-1-k) per view k, the same times
-        n/(n-1), and the eps those add to the variance; built once per batch shape (compiled:
-        constants of the graph)."""
+        """Per column of `stats`: (1-m)^V [2, sum C]; per view k [2, V, sum C] the weight
+        m (1-m)^(V-1-k), divided by the n values per view for the sums and times n/(n-1) for the
+        variances; -eps [sum C]; and a 1.  Built once per batch shape (compiled: graph constants)."""
         key = (v, counts, device, dtype)
         if torch.compiler.is_compiling():
             return self._build(*key)
@@ -247,19 +258,20 @@ class PerViewNorms:
         return self._cache[key]
 
     def _build(self, v: int, counts: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-        cols: list[list[float]] = [[], [], []]
-        rows: list[list[float]] = [[] for _ in range(v)]
+        decay: list[float] = []
+        eps: list[float] = []
+        per_sum: list[list[float]] = [[] for _ in range(v)]
+        per_var: list[list[float]] = [[] for _ in range(v)]
         for m, n in zip(self.tracked, counts):
-            mom, unbiased = m.momentum, n / max(n - 1, 1)
+            mom, unbiased, c = m.momentum, n / max(n - 1, 1), m.num_features
             coef = [mom * (1 - mom) ** (v - 1 - k) for k in range(v)]
             for k in range(v):
-                rows[k] += [coef[k]] * m.num_features
-            cols[0] += [(1 - mom) ** v] * m.num_features
-            cols[1] += [unbiased] * m.num_features
-            cols[2] += [sum(coef) * unbiased * m.eps] * m.num_features
+                per_sum[k] += [coef[k] / n] * c
+                per_var[k] += [coef[k] * unbiased] * c
+            decay += [(1 - mom) ** v] * c
+            eps += [-m.eps] * c
         t = partial(torch.tensor, device=device, dtype=dtype)
-        coef_mean = t(rows)
-        return t(cols[0]), coef_mean, coef_mean * t(cols[1]), t(cols[2])
+        return t([decay, decay]), t([per_sum, per_var]), t(eps), t([1.0])
 
 
 def plain_norms(module: nn.Module) -> nn.Module:
