@@ -261,3 +261,24 @@ def test_a_packed_run_resumes_unpacked_through_the_engine(tmp_path, monkeypatch)
     assert list(a["method"]) == list(b["method"])
     # four steps of training apart in packing only: rounding, not a lost momentum or a swapped peer
     assert_rel(b["method"], a["method"], 2e-2, "weights and buffers")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("make", [lambda: models.create_branched("resnet8", 10, 3, in_channels=1),
+                                  lambda: models.create_cohort("densenet40_12", 10, 3, in_channels=1)])
+def test_packed_forward_in_either_memory_format_and_on_one_channel_images(make, channels_last):
+    """NCHW activations (channels_last=false) and single-channel inputs (the digits) take other
+    layout paths than the channels-last RGB the tests above use; float64 leaves only the arithmetic."""
+    torch.manual_seed(0)
+    plain = make().double()
+    packed = make().double()
+    packed.load_state_dict(plain.state_dict())
+    packed.pack()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 4, 1, 8, 8, dtype=torch.float64)
+    for net in (plain, packed):
+        net.to(memory_format=fmt)
+    for inputs in (x, x[0]):  # one view per peer, and one view shared by all
+        a, b = plain(inputs), packed(inputs)
+        assert rel_err(b.logits, a.logits) < 1e-10 and rel_err(b.features, a.features) < 1e-10
+    assert_rel(packed.state_dict(), plain.state_dict(), 1e-10, "running statistics")
