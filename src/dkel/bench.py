@@ -19,7 +19,7 @@ import torch
 from . import runtime
 from .config import TimeScale, parse_overrides, resolve
 from .data import ViewLoader
-from .engine import Stepper, compile_forwards
+from .engine import Stepper, build_method
 from .errors import DkelError
 from .methods import METHODS, Setup, method_configs
 from .models import MODELS
@@ -59,12 +59,12 @@ def build_subject(values: dict[str, Any], rt: runtime.Runtime, classes: int, bat
     cfg = resolve([("bench", values)], method_configs())
     cls = METHODS.get(cfg.method)
     cls.check(cfg)
-    size = MODELS.get(cfg.model).input_size
+    # the zoo's design resolution; foreign networks (torchvision:, timm:, ...) at CIFAR's
+    size = MODELS.get(cfg.model).input_size if isinstance(cfg.model, str) and cfg.model in MODELS else 32
     torch.manual_seed(0)
-    setup = Setup(cfg.model, classes, 3, cfg.peers, cfg.epochs, 391, TimeScale())
-    method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format).train()
+    setup = Setup(cfg.model, classes, 3, cfg.peers, cfg.epochs, 391, TimeScale(), split=cfg.split, image_size=size)
+    method = build_method(cfg, setup, rt).train()
     views = cls.view_count(cfg)
-    compile_forwards(method, cfg)
     stepper = Stepper(cfg, method, rt)
     epoch = 100  # past the ramp-up and the decaying ensemble, as the released code's benchmark
     g = torch.Generator().manual_seed(0)
@@ -109,9 +109,32 @@ def timed(subject: Subject, n: int, device: torch.device) -> list[float]:
     return out
 
 
+def profile_steps(subject: Subject, steps: int, device: torch.device):
+    """(counts per step, the profiler) over `steps` steps: aten operator calls (nested ones
+    included) and, on CUDA, kernels launched and their time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(steps):
+            subject.step()
+        runtime.synchronize(device)
+    events = prof.events()
+    counts = {"ops_per_step": sum(e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")
+                                  for e in events) / steps}
+    if on_gpu:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts["kernels_per_step"] = len(kernels) / steps
+        counts["kernel_ms_per_step"] = sum(e.device_time for e in kernels) / 1e3 / steps
+    return counts, prof
+
+
+PROFILED_STEPS = 3
+
+
 def run_bench(method: str, model: str, num_classes: int, batch_size: int, peers: int, device: str,
               precision: str, compile: bool, end_to_end: bool, threads: Optional[int], warmup: int,
-              iters: int, rounds: int, overrides: list[str]) -> dict[str, Any]:
+              iters: int, rounds: int, overrides: list[str], profile: bool = False) -> dict[str, Any]:
     rt = runtime.setup(device, precision, None, threads)
     common = {"model": model, "batch_size": batch_size, "compile": compile, "precision": precision,
               "device": device, "epochs": 300}
@@ -144,6 +167,9 @@ def run_bench(method: str, model: str, num_classes: int, batch_size: int, peers:
               "rss_before_mib": base / 1024, "peak_rss_mib": peak / 1024, "torch": torch.__version__}
     if peak_gpu is not None:
         result["peak_gpu_mib"] = peak_gpu
+    if profile:
+        for prefix, s in (("", subject), ("plain_", plain)):
+            result.update({prefix + k: v for k, v in profile_steps(s, PROFILED_STEPS, rt.device)[0].items()})
     return result
 
 
@@ -177,5 +203,7 @@ def print_result(r: dict[str, Any], as_json: bool) -> None:
           f"| plain single {r['model']} step | {r['plain_img_per_s']:.1f} | {r['plain_step_ms']:.1f} |\n"
           f"| ratio to plain | {r['ratio_to_plain']:.3f} | |\n"
           f"| peak RSS (MiB) | {r['peak_rss_mib']:.0f} | |"
-          + (f"\n| peak GPU memory (MiB) | {r['peak_gpu_mib']:.0f} | |" if "peak_gpu_mib" in r else ""),
-          file=sys.stdout)
+          + (f"\n| peak GPU memory (MiB) | {r['peak_gpu_mib']:.0f} | |" if "peak_gpu_mib" in r else "")
+          + "".join(f"\n| {label} per step (plain) | {r[key]:.0f} ({r['plain_' + key]:.0f}) | |"
+                    for key, label in (("ops_per_step", "aten operator calls"), ("kernels_per_step", "CUDA kernels"))
+                    if key in r), file=sys.stdout)

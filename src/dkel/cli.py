@@ -65,7 +65,7 @@ def add_train(sub) -> None:
     p.add_argument("--download", action="store_const", const=True, help="download the dataset if missing")
     p.add_argument("--no-teacher-init", dest="teacher_init", action="store_const", const=False,
                    help="DKEL: skip the teacher initialisation (teacher_init=false)")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the forward passes")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the whole training step")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run exactly (it may extend epochs or change execution keys)")
     p.add_argument("--overwrite", action="store_true",
@@ -271,13 +271,15 @@ def add_bench(sub) -> None:
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward passes")
+    p.add_argument("--compile", action="store_true", help="torch.compile the whole training step")
     p.add_argument("--end-to-end", action="store_true", help="include the on-device data pipeline")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=12, help="timed steps of each network")
     p.add_argument("--rounds", type=int, default=4, help="interleaving rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true",
+                   help="also count aten operator calls per step (and CUDA kernels on a GPU) with torch.profiler")
     p.add_argument("--processes", type=int, default=1,
                    help="throughput preset: run this many copies at once and sum their img/s "
                         "(several runs sharing one GPU)")
@@ -295,13 +297,13 @@ def cmd_bench(args) -> None:
         copy = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                 ("method", "model", "num_classes", "batch_size", "peers", "device", "precision", "warmup", "iters",
                  "rounds")]
-        copy += [f"--{flag.replace('_', '-')}" for flag in ("compile", "end_to_end") if getattr(args, flag)]
+        copy += [f"--{flag.replace('_', '-')}" for flag in ("compile", "end_to_end", "profile") if getattr(args, flag)]
         copy += [f"--threads={args.threads}"] if args.threads else []
         print_result(run_processes(copy + args.overrides, args.processes), args.json)
         return
     result = run_bench(args.method, args.model, args.num_classes, args.batch_size, args.peers, args.device,
                        args.precision, args.compile, args.end_to_end, args.threads, args.warmup, args.iters,
-                       args.rounds, args.overrides)
+                       args.rounds, args.overrides, args.profile)
     print_result(result, args.json)
 
 

@@ -28,6 +28,7 @@ DATA_BACKENDS = ("auto", "resident", "stream")
 RECIPES = ("auto", "cifar", "imagenet")
 ON_BAD_IMAGE = ("error", "skip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PACKED = ("auto", True, False)
 
 
 @dataclass
@@ -78,7 +79,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # default: on
-    compile: bool = False
+    # K peers (and a teacher, a cohort) as one grouped network: auto | true | false; auto packs
+    # where that is faster (CUDA; docs/performance.md) and every module type is packable
+    packed: Union[str, bool] = "auto"
+    compile: bool = False  # torch.compile the whole training step
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     threads: Optional[int] = None  # CPU threads (default: torch's choice)
     eval_batch_size: int = 1000
@@ -102,7 +106,7 @@ class TrainConfig:
 # how a run executes, not what it computes: compare ignores them when matching configs
 EXECUTION_KEYS = frozenset({
     "device", "channels_last", "compile", "compile_mode", "threads", "eval_batch_size", "progress",
-    "tensorboard", "data_dir", "download", "cache_dir", "data_backend", "num_workers"})
+    "tensorboard", "data_dir", "download", "cache_dir", "data_backend", "num_workers", "packed"})
 RESUMABLE_KEYS = EXECUTION_KEYS | {"epochs", "precision", "collapse_check", "divergence_check", "divergence_factor",
                                    "on_bad_image"}
 
@@ -221,6 +225,7 @@ def validate(cfg: Any) -> Any:
          f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, got {cfg.on_bad_image!r}")
     need(cfg.num_workers is None or cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     need(cfg.divergence_factor > 1, f"divergence_factor must be > 1, got {cfg.divergence_factor}")
+    need(cfg.packed in PACKED, f"packed must be auto, true or false, got {cfg.packed!r}")
     need(cfg.compile_mode in COMPILE_MODES,
          f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     ts = cfg.time_scale
@@ -279,13 +284,17 @@ class TimeScale:
     def scaled(self) -> bool:
         return self.factor != 1.0
 
-    def at(self, progress: float) -> float:
-        """The epoch at which weights are evaluated after `progress` (epoch + fraction of it) epochs."""
-        return progress if self.scaled else float(math.floor(progress))
+    def at(self, progress: Any) -> Any:
+        """The epoch at which weights are evaluated after `progress` (epoch + fraction of it) epochs
+        (a float, or a 0-d tensor in the compiled step)."""
+        if self.scaled:
+            return progress
+        return progress.floor() if hasattr(progress, "floor") else float(math.floor(progress))
 
-    def paper_epoch(self, progress: float) -> int:
+    def paper_epoch(self, progress: Any) -> Any:
         """The integer epoch of a paper-length run that `progress` of this run corresponds to."""
-        return math.floor(progress / self.factor + 1e-9)
+        value = progress / self.factor + 1e-9
+        return value.floor() if hasattr(value, "floor") else math.floor(value)
 
     def describe(self) -> dict[str, Any]:
         """The scale and where it came from, for the log and results.json."""

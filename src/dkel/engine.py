@@ -27,13 +27,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from . import __version__, files, runtime
+from . import __version__, files, models, runtime
 from .config import RESUMABLE_KEYS, TimeScale, to_dict
 from .data.backend import DataBackend, open_backend
 from .losses import label_smoothing
 from .errors import ConfigError, DataError, DkelError, RunFolderError, Terminated, TrainingStopped
 from .methods import METHODS, Method, Setup
 from .models import check_spec
+from .models.packing import packed_optimizer_state, parameter_map, unpacked_optimizer_state
 from .progress import Progress
 from .run_folder import FolderLock, RunFolder, shown
 
@@ -83,7 +84,7 @@ def build(cfg: Any, rt: runtime.Runtime) -> Built:
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     setup = Setup(cfg.model, data.num_classes, data.in_channels, cfg.peers, cfg.epochs, steps_per_epoch, time_scale,
                   split=cfg.split, image_size=data.image_size)
-    method = cls(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    method = build_method(cfg, setup, rt)
     torch.manual_seed(cfg.seed * 1000 + rt.rank + 1)  # anything random from here on differs per process
     return Built(data, method)
 
@@ -96,6 +97,15 @@ def probe_batch(data: DataBackend) -> tuple[torch.Tensor, torch.Tensor]:
     of the unsharded stream that training never draws from."""
     views, labels = next(data.prepare_batches())
     return views[:, :PROBE_SIZE], labels[:PROBE_SIZE]
+
+
+def build_method(cfg: Any, setup: Setup, rt: runtime.Runtime) -> Method:
+    """The method's modules on the device, packed as `cfg.packed` says (initialised unpacked, so
+    packed and unpacked runs start from the same weights)."""
+    method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    if models.pack_peers(method, cfg.packed, rt.device, sync_bn=cfg.sync_bn and rt.distributed):
+        method.to(memory_format=rt.memory_format)  # the grouped weights
+    return method
 
 
 def lr_at(cfg: Any, epoch: float, steps_per_epoch: int) -> float:
@@ -120,49 +130,78 @@ def make_optimizer(cfg: Any, params, device: torch.device) -> torch.optim.Optimi
                            nesterov=cfg.nesterov and cfg.momentum > 0, **kind)
 
 
-def compile_forwards(method: Method, cfg: Any) -> None:
-    """torch.compile every forward the method calls in training, if asked."""
-    if cfg.compile:
-        for name in method.forward_modules:
-            method.wrap(name, lambda fn: torch.compile(fn, mode=cfg.compile_mode))
-
-
 class Stepper:
     """One optimisation step of a method: losses, backward, optimizer, schedule, EMA.
 
     The training loop and `dkel bench` both step through this, so what is benchmarked
-    is exactly what trains."""
+    is exactly what trains.  With `compile`, the whole step is one torch.compile'd function
+    (PyTorch still splits it into a few graphs, at the backward call and around the optimizer
+    step); the learning rate is then a device tensor updated in place, so the schedule does
+    not recompile it (methods' own schedules stay symbolic: see losses._exp)."""
 
     def __init__(self, cfg: Any, method: Method, rt: runtime.Runtime):
         self.cfg, self.method, self.rt = cfg, method, rt
         self.optimizer = make_optimizer(cfg, method.student.parameters(), rt.device)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.step = 0
+        self._update = torch.compile(self._numbers_as_tensors, mode=cfg.compile_mode) if cfg.compile else self._step
+        self._lr_tensors()
+
+    def _lr_tensors(self) -> None:
+        if self.cfg.compile:
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.rt.device)
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor, epoch: int, fraction: float = 0.0):
-        """One step at `epoch` + `fraction` of it (which sets the learning rate)."""
+        """One step at `epoch` + `fraction` of it (which sets the learning rate and the method's weights)."""
+        progress = epoch + fraction
+        lr = lr_at(self.cfg, progress, self.method.setup.steps_per_epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.cfg, epoch + fraction, self.method.setup.steps_per_epoch)
-        with self.rt.autocast():
-            out = self.method.losses(views, labels, epoch + fraction)
+            if self.cfg.compile:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        # compiled, the progress is a tensor input, so the schedules it drives are computed in the graph
+        # instead of being baked in as constants that recompile it as they move
+        out = self._update(views, labels, torch.tensor(progress, dtype=torch.float64) if self.cfg.compile else progress,
+                           self.step)
+        self.step += 1
+        return out
+
+    def _step(self, views: torch.Tensor, labels: torch.Tensor, progress: float, step: int):
+        with self.rt.autocast():
+            out = self.method.losses(views, labels, progress)
         self.scaler.scale(out.losses["loss"]).backward()
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.student.parameters(), self.cfg.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_step(self.step)
-        self.step += 1
+        self.method.after_step(step)
         return out
 
+    def _numbers_as_tensors(self, *args):
+        """The step, returning its numbers (the loss terms' weights) as 0-d tensors: a Python float
+        leaving a compiled graph is baked into it as a constant, which would recompile the step
+        whenever a schedule moves the weight."""
+        out = self._step(*args)
+        return out._replace(losses={k: torch.as_tensor(v, dtype=torch.float32) if isinstance(v, float) else v
+                                    for k, v in out.losses.items()})
+
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step}
+        """In the unpacked layout whether the student is packed or not, so a run resumes either way."""
+        optimizer = unpacked_optimizer_state(parameter_map(self.method.student), self.optimizer.state_dict())
+        return {"optimizer": optimizer, "scaler": self.scaler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(packed_optimizer_state(parameter_map(self.method.student), state["optimizer"]))
+        self._lr_tensors()
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+
+
+WEIGHT_PREFIX = "w_"  # a StepOutput entry named w_<term> is a loss term's weight: logged as its last value
 
 
 class EpochMeter:
@@ -186,7 +225,7 @@ class EpochMeter:
         logits = out.logits.detach()
         values = {**out.losses, "logit_norm": logits.float().norm(dim=-1).mean()}
         for name, value in values.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not name.startswith(WEIGHT_PREFIX):
                 self.accumulate(self.sums, name, value)
             else:
                 self.floats[name] = value  # weights of the loss terms: the last value is the epoch's
@@ -213,7 +252,8 @@ class EpochMeter:
             dist.all_reduce(totals)
         means = dict(zip(names, (totals[:-2] / (self.steps * rt.world)).tolist()))
         train = {n: means.pop(n) for n in names[:len(self.sums)]}
-        return {**train, "train_acc": (totals[-2] / totals[-1]).item(), **self.floats, **means}
+        weights = {k: float(v) for k, v in self.floats.items()}
+        return {**train, "train_acc": (totals[-2] / totals[-1]).item(), **weights, **means}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -338,7 +378,7 @@ def restore(run_dir: Path, which: str = "last", device: str = "auto"):
     precision = "auto" if cfg.precision == "fp16" and runtime.pick_device(device).type != "cuda" else cfg.precision
     rt = runtime.setup(device, precision, cfg.channels_last, cfg.threads)
     setup = Setup(**{**ckpt["setup"], "time": TimeScale.from_dict(ckpt["setup"]["time"])})
-    method = METHODS.get(cfg.method)(cfg, setup).to(rt.device, memory_format=rt.memory_format)
+    method = build_method(cfg, setup, rt)  # packed as in training, so evaluation repeats its numbers
     load_state(method, ckpt["method"], path)
     method.eval()
     return cfg, method, ckpt, rt
@@ -622,7 +662,6 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
             method.student = nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         method.wrap("student", lambda m: DDP(m, device_ids=ids))
-    compile_forwards(method, cfg)
     consts = method.time_constants()
     if rt.main:
         log.info("run folder %s | %s on %s, %s, %d peers, %d train / %d test images, %d steps/epoch%s",

@@ -38,33 +38,52 @@ def stack(logits: Logits) -> Tensor:
 
 
 def full(x: Tensor) -> Tensor:
-    """At least float32: half-precision logits from autocast are promoted, float64 kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """At least float32: half-precision logits from autocast are promoted, float64 kept (and no
+    operator is called for what already is: a no-op .to() still costs a dispatch per call)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- weights
-def sigmoid_rampup(epoch: float, length: float = 80.0, maximum: float = 1.0) -> float:
-    """Mean-teacher ramp r(e) = max * exp(-5 (1 - e/length)^2) for e < length, max after."""
+Weight = Union[float, Tensor]  # a schedule's value: a float, or a 0-d tensor when progress is one
+
+
+def _exp(x: Weight) -> Weight:
+    return torch.exp(x) if isinstance(x, Tensor) else math.exp(x)
+
+
+def sigmoid_rampup(epoch: Weight, length: float = 80.0, maximum: float = 1.0) -> Weight:
+    """Mean-teacher ramp r(e) = max * exp(-5 (1 - e/length)^2) for e < length, max after.
+
+    Every schedule here also takes the epoch as a 0-d tensor (the compiled training step passes
+    it so), and then gives a tensor, computed without branching on its value."""
+    if isinstance(epoch, Tensor):
+        return maximum * torch.exp(-5.0 * (1.0 - (epoch / length).clamp(max=1.0)) ** 2)
     if epoch >= length:
         return maximum
-    return maximum * math.exp(-5.0 * (1.0 - epoch / length) ** 2)
+    return maximum * _exp(-5.0 * (1.0 - epoch / length) ** 2)
 
 
 def reference_rampup(epoch: float, cutoff: float = 80.0, lam: float = REFERENCE_LAMBDA) -> float:
     """The released code's ramp: it divides by lambda where the ramp length belongs,
     so r = 6.7e-4 at e=0, ~1e-177 at e=1, 0 until the cutoff, then lambda."""
+    if isinstance(epoch, Tensor):
+        return torch.where(epoch > cutoff, lam, lam * torch.exp(-5.0 * (1.0 - epoch / lam) ** 2))
     if epoch > cutoff:
         return lam
-    return lam * math.exp(-5.0 * (1.0 - epoch / lam) ** 2)
+    return lam * _exp(-5.0 * (1.0 - epoch / lam) ** 2)
 
 
 def decay_weight(epoch: float, kind: str = "exp", beta: float = 0.5, horizon: float = 10.0) -> float:
     """Weight w(e) of the decaying teacher ensemble."""
     if kind == "exp":
-        return math.exp(-beta * epoch)
+        return _exp(-beta * epoch)
     if kind == "cos":
+        if isinstance(epoch, Tensor):
+            return 0.5 * (1.0 + torch.cos(math.pi * epoch.clamp(max=horizon) / horizon))
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch, horizon) / horizon))
     if kind == "linear":
+        if isinstance(epoch, Tensor):
+            return (1.0 - epoch / horizon).clamp(min=0.0)
         return max(0.0, 1.0 - epoch / horizon)
     if kind == "none":
         return 0.0
@@ -127,8 +146,9 @@ def dkel_weights(epoch: float, *, mode: str = "paper", beta: float = 0.5, decay:
     """The three weights of DKEL at an epoch: ramp r, ensemble decay w, DK weight lambda_dk."""
     if mode == "reference":
         r = reference_rampup(epoch, cutoff=rampup_length)
-        w = math.exp(-beta * epoch)
-        return {"rampup": r, "decay": w if w > REFERENCE_CUTOFF else 0.0, "dk": r}
+        w = _exp(-beta * epoch)
+        cut = torch.where(w > REFERENCE_CUTOFF, w, 0.0) if isinstance(w, Tensor) else w if w > REFERENCE_CUTOFF else 0.0
+        return {"rampup": r, "decay": cut, "dk": r}
     if mode != "paper":
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     r = sigmoid_rampup(epoch, rampup_length, rampup_max)
@@ -163,8 +183,10 @@ def dkel_loss(student_logits: Logits, ensemble_logits: Tensor, teacher_logits: L
         "kd_ensemble": kd_loss(z, ensemble_logits.expand_as(z), temperature).sum(),
         "dk_individual": off_diagonal_mean(pairwise_kd(z, t, temperature)).sum(),
     }
-    # a zero weight skips the term, as the released code does
-    terms["dk_ensemble"] = kd_loss(z, others_mean(t), temperature).sum() if w > 0 else z.new_zeros(())
+    # a zero weight skips the term, as the released code does (a weight given as a tensor keeps it:
+    # deciding would need its value on the host)
+    skip = not isinstance(w, Tensor) and w <= 0
+    terms["dk_ensemble"] = z.new_zeros(()) if skip else kd_loss(z, others_mean(t), temperature).sum()
     loss = sum(dkel_summands(terms, wts).values())
     return {"loss": loss, **terms, **{f"w_{name}": value for name, value in wts.items()}}
 

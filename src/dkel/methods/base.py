@@ -58,8 +58,6 @@ class Method(nn.Module):
     authors_switches: ClassVar[tuple[str, ...]] = ()
     # the reported output whose accuracy is `deploy_acc` (SPEC section 6 reporting rule)
     deploy_metric: ClassVar[str] = "peer_mean"
-    # modules called through `run`, which the engine may wrap in torch.compile
-    forward_modules: ClassVar[tuple[str, ...]] = ("student",)
 
     def __init__(self, cfg: Any, setup: Setup):
         super().__init__()
@@ -92,11 +90,11 @@ class Method(nn.Module):
                 raise ConfigError(msg)
 
     def run(self, name: str, x: Tensor):
-        """Call submodule `name` through its wrapper (DDP, torch.compile) if the engine set one."""
+        """Call submodule `name` through its wrapper (DDP) if the engine set one."""
         return self._runners.get(name, getattr(self, name))(x)
 
     def wrap(self, name: str, wrapper: Callable[[Callable], Callable]) -> None:
-        """Wrap how submodule `name` is called; wrappers compose (torch.compile over DDP)."""
+        """Wrap how submodule `name` is called; wrappers compose."""
         self._runners[name] = wrapper(self._runners.get(name, getattr(self, name)))
 
     @property
@@ -155,6 +153,7 @@ def named_peers(prefix: str, logits: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def ema_update(teacher: list[Tensor], student: list[Tensor], alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student, as two fused multi-tensor ops."""
+    """teacher <- alpha * teacher + (1 - alpha) * student, as two fused multi-tensor ops (a lerp
+    would save one call but rounds differently from the released code's update)."""
     torch._foreach_mul_(teacher, alpha)
     torch._foreach_add_(teacher, student, alpha=1.0 - alpha)

@@ -70,7 +70,6 @@ class DKEL(Method):
     authors_switches = ("mode=reference: the released code's loss weights, EMA warm-up and teacher "
                         "initialisation (SPEC 2.1); the default mode=paper is the SPEC reconstruction",)
     min_peers = 2
-    forward_modules = ("student", "teacher")
 
     def __init__(self, cfg, setup):
         super().__init__(cfg, setup)

@@ -1,4 +1,5 @@
-"""Models: `create` gives a plain network, `create_branched` / `create_cohort` the multi-peer ones.
+"""Models: `create` gives a plain network, `create_branched` / `create_cohort` the multi-peer ones,
+`pack_peers` packs the multi-peer ones inside a method.
 
 A model specification is a zoo name (see `dkel list`), "torchvision:NAME", "timm:NAME",
 "package.module:attribute" naming a callable num_classes -> nn.Module, or such a callable;
@@ -10,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DkelError
 from ..registry import Registry, unknown_name_message
 from . import adapters
 from .core import Backbone, Branched, Cohort, PeerOutputs, SingleNet, Tail, pool_trunk
 from .densenet import densenet_bc
+from .packing import NotPackable
 from .resnet import CIFAR_RESNETS, IMAGENET_RESNETS, TINY_RESNETS
 from .vgg import vgg16
 
@@ -173,11 +176,37 @@ def create_cohort(model: Any, num_classes: int, peers: int = 3, in_channels: int
     return Cohort([_build(f, num_classes, in_channels) for f in factories])
 
 
+# device type -> whether packed=auto packs there: whichever was faster (docs/performance.md)
+PACK_BY_DEFAULT = {"cuda": True, "cpu": False}
+
+
+def pack_peers(root: nn.Module, packed: Union[str, bool], device: torch.device, sync_bn: bool = False) -> bool:
+    """Pack every Branched and Cohort of more than one peer inside `root`; returns whether it did.
+
+    packed="auto" packs where that is faster (PACK_BY_DEFAULT) and every module is packable;
+    True packs or raises a DkelError naming what cannot be packed; False leaves all as they are."""
+    containers = [m for m in root.modules() if isinstance(m, (Branched, Cohort)) and m.peers > 1]
+    if packed is False or not containers or (packed == "auto" and not PACK_BY_DEFAULT.get(device.type, False)):
+        return False
+    try:
+        if sync_bn:
+            raise NotPackable("sync_bn would merge the statistics of the views a packed trunk keeps apart")
+        for container in containers:
+            container.check_packable()
+    except NotPackable as e:
+        if packed is True:
+            raise DkelError(f"packed=true: {e}") from None
+        return False
+    for container in containers:
+        container.pack()
+    return True
+
+
 def _check_peers(peers: int) -> None:
     if peers < 1:
         raise ConfigError(f"peers must be >= 1, got {peers}")
 
 
-__all__ = ["MODELS", "PYTHON_PREFIX", "Backbone", "BackboneFactory", "Branched", "Cohort", "ModelSpec", "PeerOutputs",
-           "SingleNet", "Tail", "backbone", "check_spec", "create", "create_branched", "create_cohort", "pool_trunk",
-           "register_callable", "resolve", "specs"]
+__all__ = ["MODELS", "PYTHON_PREFIX", "Backbone", "BackboneFactory", "Branched", "Cohort", "ModelSpec", "NotPackable",
+           "PeerOutputs", "SingleNet", "Tail", "backbone", "check_spec", "create", "create_branched", "create_cohort",
+           "pack_peers", "pool_trunk", "register_callable", "resolve", "specs"]

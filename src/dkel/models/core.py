@@ -5,6 +5,8 @@ A backbone is split into a *trunk* (stem and every stage but the last) and a *ta
 branched model shares one trunk between K tails; a cohort is K whole networks.  Where a
 backbone came from (the zoo, torchvision, timm, a user's module) is the backbone's own
 business: its `assemble` says how one trunk and one tail become the deployed network.
+Both multi-peer containers can be *packed* (`pack()`, see packing.py): the same
+outputs and state_dict, computed by one grouped network instead of K.
 """
 from __future__ import annotations
 
@@ -17,10 +19,17 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..losses import scale_grad
+from .packing import NotPackable, PackedPeers, PerViewNorms, check_packable, packable, plain_norms
 
 
+@packable
 class Tail(nn.Module):
-    """Last stage -> pooled feature -> classifier; returns (logits, feature)."""
+    """Last stage -> pooled feature -> classifier; returns (logits, feature).
+
+    Packed (groups = K peers): grouped input [B, K*C, H, W] -> logits [K, B, classes] and
+    features [K, B, d]."""
+
+    groups = 1
 
     def __init__(self, stage: nn.Module, classifier: nn.Module):
         super().__init__()
@@ -29,6 +38,8 @@ class Tail(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feature = self.stage(x).mean(dim=(2, 3))
+        if self.groups > 1:
+            feature = feature.view(feature.shape[0], self.groups, -1).transpose(0, 1)
         return self.classifier(feature), feature
 
 
@@ -44,6 +55,7 @@ def pool_trunk(h: Tensor) -> Tensor:
     raise ValueError(f"cannot pool a trunk output of shape {tuple(h.shape)}")
 
 
+@packable
 class SingleNet(nn.Module):
     """A plain network: trunk + one tail, returning logits."""
 
@@ -75,16 +87,32 @@ class PeerOutputs(NamedTuple):
     logits: Tensor  # [K, B, C]
     features: Optional[Tensor]  # [K, B, d] pooled tail features (None: a cohort of different widths)
     ensemble: Optional[Tensor]  # [B, C] from the peer-ensemble head, if any
-    trunk: Optional[list[Tensor]]  # branched models: the trunk output of each view
+    trunk: Optional[Sequence[Tensor]]  # branched models: the trunk output of each view (packed: [V, B, C, H, W])
+
+
+def shared_view(x: Tensor, views: int) -> bool:
+    """True for one view shared by all peers ([B, C, H, W]), False for `views` views ([V, B, C, H, W])."""
+    if x.dim() == 4:
+        return True
+    if x.shape[0] != views:
+        raise ValueError(f"got {x.shape[0]} views for a model that takes {views}")
+    return False
 
 
 def views_of(x: Tensor, views: int) -> list[Tensor]:
     """One view per peer ([V, B, C, H, W]) or one view shared by all ([B, C, H, W])."""
-    if x.dim() == 4:
-        return [x]
-    if x.shape[0] != views:
-        raise ValueError(f"got {x.shape[0]} views for a model that takes {views}")
-    return list(x.unbind(0))
+    return [x] if shared_view(x, views) else list(x.unbind(0))
+
+
+def grouped(views: Tensor, index: list[int]) -> Tensor:
+    """Stacked views [V, B, C, H, W] -> peer-major grouped input [B, K*C, H, W] of the K peers
+    reading views[i] for i in index, in the views' memory format (one copy)."""
+    v, b, c, h, w = views.shape
+    if index != list(range(v)):
+        views = views.expand(len(index), -1, -1, -1, -1) if v == 1 else views[index]
+    if views.stride(2) == 1 and c > 1:  # channels-last views
+        return views.permute(1, 3, 4, 0, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    return views.transpose(0, 1).reshape(b, -1, h, w)
 
 
 def peer_index(peer: int, peers: int) -> int:
@@ -116,18 +144,48 @@ class Branched(nn.Module):
             raise ValueError(f"tail_views {self.tail_views} must name one view for each of {peers} tails")
         self.views = max(self.tail_views) + 1
         self.trunk_grad_scale = trunk_grad_scale
+        self._norms: Optional[PerViewNorms] = None  # packed: the trunk's per-view BatchNorms
 
     @property
     def peers(self) -> int:
         return len(self.tails)
 
+    @property
+    def packed(self) -> bool:
+        return self._norms is not None
+
+    def check_packable(self) -> None:
+        check_packable(self.trunk)
+        for tail in self.tails:
+            check_packable(tail)
+
+    def pack(self) -> None:
+        """Run the views through the trunk as one batch and the tails as one grouped network."""
+        if not self.packed:
+            self.check_packable()
+            self._norms = PerViewNorms(self.trunk)
+            self.tails = PackedPeers(list(self.tails))
+
     def forward(self, x: Tensor) -> PeerOutputs:
-        views = views_of(x, self.views)
-        trunk = [scale_grad(self.trunk(v), self.trunk_grad_scale) for v in views]
-        outs = [tail(trunk[v if len(trunk) > 1 else 0]) for tail, v in zip(self.tails, self.tail_views)]
+        shared = shared_view(x, self.views)
+        index = [0] * self.peers if shared else self.tail_views
+        if self.packed:
+            return self._packed_forward(x.unsqueeze(0) if shared else x, index)
+        trunk = [scale_grad(self.trunk(v), self.trunk_grad_scale) for v in views_of(x, self.views)]
+        outs = [tail(trunk[v]) for tail, v in zip(self.tails, index)]
         features = [o[1] for o in outs]
         ensemble = self.head(torch.cat(features, dim=1)) if self.head is not None else None
         return PeerOutputs(torch.stack([o[0] for o in outs]), torch.stack(features), ensemble, trunk)
+
+    def _packed_forward(self, views: Tensor, index: list[int]) -> PeerOutputs:
+        """views [V, B, C, H, W] through the trunk as one batch of V*B, then the grouped tails."""
+        self._norms.start(views.shape[0])
+        out = scale_grad(self.trunk(views.view(-1, *views.shape[2:])), self.trunk_grad_scale)
+        self._norms.finish()
+        trunk = out.view(views.shape[0], -1, *out.shape[1:])
+        logits, features = self.tails(grouped(trunk, index))
+        ensemble = self.head(features.transpose(0, 1).view(features.shape[1], -1)) if self.head is not None else None
+        return PeerOutputs(logits, features, ensemble, trunk)
 
     def without_head(self) -> "Branched":
         """A deep copy with the same trunk and tails but no ensemble head (an EMA teacher)."""
@@ -137,7 +195,9 @@ class Branched(nn.Module):
 
     def deploy(self, peer: int = 1) -> nn.Module:
         """A plain network whose outputs equal peer `peer`'s (1-based, like every peer number a user sees)."""
-        return self.assemble(copy.deepcopy(self.trunk), copy.deepcopy(self.tails[peer_index(peer, self.peers)]))
+        i = peer_index(peer, self.peers)
+        tail = self.tails[i] if self.packed else copy.deepcopy(self.tails[i])  # packed: an unpacked copy
+        return self.assemble(plain_norms(copy.deepcopy(self.trunk)), tail)
 
 
 class Cohort(nn.Module):
@@ -152,9 +212,32 @@ class Cohort(nn.Module):
     def peers(self) -> int:
         return len(self.nets)
 
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.nets, PackedPeers)
+
+    def check_packable(self) -> None:
+        layouts = {tuple((k, tuple(v.shape)) for k, v in net.state_dict().items()) for net in self.nets}
+        if len(layouts) > 1:
+            raise NotPackable("the cohort's peers are different networks")
+        for net in self.nets:
+            check_packable(net)
+
+    def pack(self) -> None:
+        """Run the K networks as one grouped network."""
+        if not self.packed:
+            self.check_packable()
+            self.nets = PackedPeers(list(self.nets))
+
     def forward(self, x: Tensor) -> PeerOutputs:
+        shared = shared_view(x, self.peers)
+        index = [0] * self.peers if shared else list(range(self.peers))
+        if self.packed:
+            net = self.nets.net
+            logits, features = net.tail(net.trunk(grouped(x.unsqueeze(0) if shared else x, index)))
+            return PeerOutputs(logits, features, None, None)
         views = views_of(x, self.peers)
-        outs = [net.tail(net.trunk(views[i if len(views) > 1 else 0])) for i, net in enumerate(self.nets)]
+        outs = [net.tail(net.trunk(views[i])) for i, net in zip(index, self.nets)]
         logits = torch.stack([o[0] for o in outs])
         widths = {o[1].shape[1] for o in outs}
         features = torch.stack([o[1] for o in outs]) if len(widths) == 1 else None
@@ -163,4 +246,5 @@ class Cohort(nn.Module):
     def deploy(self, peer: int = 1) -> nn.Module:
         """Peer `peer` (1-based) as a plain network."""
         i = peer_index(peer, self.peers)
-        return self.assemble[i](copy.deepcopy(self.nets[i].trunk), copy.deepcopy(self.nets[i].tail))
+        net = self.nets[i] if self.packed else copy.deepcopy(self.nets[i])  # packed: an unpacked copy
+        return self.assemble[i](net.trunk, net.tail)

@@ -5,9 +5,15 @@ import torch
 from torch import Tensor, nn
 
 from .core import Backbone, Tail
+from .packing import channels_last, packable
 
 
+@packable
 class DenseLayer(nn.Module):
+    """Appends `growth` new channels to its input; packed (groups = K) it appends them to each peer's."""
+
+    groups = 1
+
     def __init__(self, cin: int, growth: int, bottleneck: int):
         super().__init__()
         self.layers = nn.Sequential(
@@ -17,7 +23,15 @@ class DenseLayer(nn.Module):
             nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, self.layers(x)], dim=1)
+        new = self.layers(x)
+        if self.groups == 1:
+            return torch.cat([x, new], dim=1)
+        k = self.groups
+        if channels_last(x):
+            b, _, h, w = x.shape
+            out = torch.cat([t.permute(0, 2, 3, 1).unflatten(3, (k, -1)) for t in (x, new)], dim=4)  # [B, H, W, K, C]
+            return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return torch.cat([x.unflatten(1, (k, -1)), new.unflatten(1, (k, -1))], dim=2).flatten(1, 2)
 
 
 def dense_block(cin: int, layers: int, growth: int, bottleneck: int) -> nn.Sequential:

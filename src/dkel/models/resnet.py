@@ -7,12 +7,14 @@ from functools import partial
 from torch import Tensor, nn
 
 from .core import Backbone, Tail
+from .packing import packable
 
 
 def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
 
 
+@packable
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -28,6 +30,7 @@ class BasicBlock(nn.Module):
         return out.relu_()
 
 
+@packable
 class Bottleneck(nn.Module):
     expansion = 4
 
