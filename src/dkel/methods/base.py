@@ -153,7 +153,6 @@ def named_peers(prefix: str, logits: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def ema_update(teacher: list[Tensor], student: list[Tensor], alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student, as two fused multi-tensor ops (a lerp
-    would save one call but rounds differently from the released code's update)."""
-    torch._foreach_mul_(teacher, alpha)
-    torch._foreach_add_(teacher, student, alpha=1.0 - alpha)
+    """teacher <- alpha * teacher + (1 - alpha) * student, as one fused multi-tensor op (a lerp:
+    teacher + (1 - alpha) (student - teacher), the same update to float rounding)."""
+    torch._foreach_lerp_(teacher, student, 1.0 - alpha)
