@@ -162,10 +162,13 @@ class Stepper:
             else:
                 group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        # compiled, the progress is a tensor input, so the schedules it drives are computed in the graph
-        # instead of being baked in as constants that recompile it as they move
-        out = self._update(views, labels, torch.tensor(progress, dtype=torch.float64) if self.cfg.compile else progress,
-                           self.step)
+        # compiled, the progress and the step count are tensor inputs, so the schedules they drive (the
+        # ramps, decays, the EMA warm-up) are computed in the graph instead of being baked in as
+        # constants that recompile it as they move
+        if self.cfg.compile:
+            out = self._update(views, labels, torch.tensor(progress, dtype=torch.float64), torch.tensor(self.step))
+        else:
+            out = self._update(views, labels, progress, self.step)
         self.step += 1
         return out
 

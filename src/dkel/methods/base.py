@@ -152,7 +152,10 @@ def named_peers(prefix: str, logits: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def ema_update(teacher: list[Tensor], student: list[Tensor], alpha: float) -> None:
+def ema_update(teacher: list[Tensor], student: list[Tensor], alpha: float | Tensor) -> None:
     """teacher <- alpha * teacher + (1 - alpha) * student, as one fused multi-tensor op (a lerp:
     teacher + (1 - alpha) (student - teacher), the same update to float rounding)."""
-    torch._foreach_lerp_(teacher, student, 1.0 - alpha)
+    weight = 1.0 - alpha
+    if isinstance(weight, Tensor):  # compiled, a moving alpha is a tensor computed in the graph
+        weight = weight.to(teacher[0].dtype)
+    torch._foreach_lerp_(teacher, student, weight)

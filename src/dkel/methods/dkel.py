@@ -203,7 +203,10 @@ class DKEL(Method):
             names = [n for n, _ in self.teacher.named_parameters()]
             self._ema_lists = ([p.data for _, p in self.teacher.named_parameters()],
                                [student[n].data for n in names])
-        alpha = min(1.0 - 1.0 / (step + 1), self.alpha) if self.warmup else self.alpha
+        alpha = self.alpha
+        if self.warmup:  # the released code's alpha_t = min(1 - 1/(t+1), alpha)
+            warming = 1.0 - 1.0 / (step + 1)
+            alpha = warming.clamp(max=alpha) if isinstance(warming, Tensor) else min(warming, alpha)
         ema_update(*self._ema_lists, alpha)
         self.steps_done = step + 1
 
@@ -212,7 +215,7 @@ class DKEL(Method):
         EMA factors so far, alpha^t; with the warm-up alpha_0 = 0, so 0 after the first step."""
         if self.warmup:
             return 1.0 if self.steps_done == 0 else 0.0
-        return self.alpha ** self.steps_done
+        return self.alpha ** int(self.steps_done)
 
     # -- instruments (the per-step logit norms and student-teacher KD are the step's monitors)
     def epoch_diagnostics(self, probe: tuple[Tensor, Tensor], progress: float) -> dict[str, float]:
