@@ -360,7 +360,10 @@ def test_interrupt_and_sigterm_are_logged_and_said(tmp_path):
         run = tmp_path / word.split()[0]
         proc = subprocess.Popen([PYTHON, "-m", "dkel", "train", "--method", "independent", "--epochs", "50",
                                  "--out", str(run), "progress=none", "train_subset=400", "threads=1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # a shell that starts the suite in the background ignores SIGINT, which
+                                # the child would inherit: give it the default a terminal gives
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
