@@ -354,6 +354,25 @@ def test_divergence_short_of_nan_stops_and_keeps_the_last_good_state(capsys, tmp
           "train_subset=200", "divergence_check=false"])
 
 
+def test_a_run_that_ends_at_chance_says_so(capsys, tmp_path):
+    """lr 5 on digits does not always explode (at 30 epochs the logits shrink towards zero slowly,
+    above the collapse check's threshold, and the run ends at chance); a run that ends at chance must
+    not pass for a result, whatever led there (here: divergence with its guard switched off)."""
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, ["train", "--method", "dkel", "--lr", "5", "--epochs", "2", "--out", str(run),
+                                 "progress=none", "train_subset=200", "divergence_check=false"])
+    results = json.loads((run / "results.json").read_text())
+    assert code == 0 and results["deploy_acc"] <= 0.15
+    warning = next((line for line in err if "ended at chance" in line), err)
+    assert re.search(r"^warning: the deployed network ended at chance level: accuracy 0\.\d+ with 10 classes", warning)
+    assert "at chance level" in results["warning"] and "ended at chance level" in (run / "train.log").read_text()
+    healthy = tmp_path / "healthy"
+    code, err = run_cli(capsys, ["train", "--method", "independent", "--epochs", "2", "--out", str(healthy),
+                                 "progress=none"])
+    assert code == 0 and not any("ended at chance" in line for line in err)
+    assert "warning" not in json.loads((healthy / "results.json").read_text())
+
+
 # ----------------------------------------------------------------------------- 6. smaller
 def test_interrupt_and_sigterm_are_logged_and_said(tmp_path):
     for sig, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated by SIGTERM")):

@@ -733,6 +733,10 @@ def _train(cfg, rt, built: Built, stepper: Stepper, session: Session, ckpt) -> d
         if collapse:
             raise TrainingStopped(f"{collapse} at epoch {epoch + 1}; stopped, state kept in {folder.last}")
     results = summarize(cfg, method, history, best, rt)
+    chance = at_chance(results["deploy_acc"], data.num_classes)
+    if chance:
+        results["warning"] = chance
+        log.warning("warning: %s", chance)
     if data.skipped:
         results["skipped_images"] = list(data.skipped)
         log.warning("%d unreadable images were skipped: %s", len(data.skipped), ", ".join(data.skipped[:5]))
@@ -772,9 +776,18 @@ def ranks_identical(method: Method, world: int) -> bool:
 def collapsed(row: dict[str, Any], num_classes: int) -> Optional[str]:
     """The failure the DKEL paper describes: logits shrink to zero and accuracy falls to chance."""
     norm = row.get("student_logit_norm", row.get("train_logit_norm"))
-    if norm is not None and norm < 0.05 and row["deploy_acc"] <= 1.5 / num_classes:
+    if norm is not None and norm < 0.05 and at_chance(row["deploy_acc"], num_classes):
         return (f"training collapsed (mean logit norm {norm:.3g}, deployed accuracy {row['deploy_acc']:.3f} "
                 f"at chance {1 / num_classes:.3f})")
+    return None
+
+
+def at_chance(accuracy: float, num_classes: int) -> Optional[str]:
+    """A finished run whose deployed network guesses: the collapse check misses slow collapses (logits
+    shrinking over many epochs) and divergence_check=false lets a diverged run finish."""
+    if accuracy <= 1.5 / num_classes:
+        return (f"the deployed network ended at chance level: accuracy {accuracy:.4f} with {num_classes} classes "
+                f"(chance {1 / num_classes:.4f}); the run did not learn: lower lr, or check the data and labels")
     return None
 
 
