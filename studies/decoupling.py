@@ -2,7 +2,7 @@
 """The decoupling study (configs/studies/decoupling.yaml): train it, then tabulate it.
 
     python studies/decoupling.py run --base configs/studies/cifar10_resnet8_decoupling.yaml \
-        --seeds 8 --jobs 2 --out runs/decoupling [--dry-run] [key=value ...]
+        --seeds 8 --jobs 2 --out runs/decoupling [--variants a,b] [--dry-run] [key=value ...]
     python studies/decoupling.py analyze runs/decoupling --out docs/study-decoupling
 
 `run` trains every variant with one `dkel compare` per variant (name=<variant>, so the run
@@ -43,12 +43,17 @@ def _value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
-def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[str]) -> list[list[str]]:
-    """One `dkel compare` per variant, with the variant's keys and name=<variant>."""
-    _, variants = load_variants()
+def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[str],
+                     variants: Optional[list[str]] = None) -> list[list[str]]:
+    """One `dkel compare` per variant (all, or those named, in the order named), with the variant's
+    keys and name=<variant>."""
+    _, defined = load_variants()
+    for name in variants or ():
+        if name not in defined:
+            raise SystemExit(f"error: unknown variant {name!r}; the variants are {', '.join(defined)}")
     commands = []
-    for name, keys in variants.items():
-        keys = dict(keys)
+    for name in variants or defined:
+        keys = dict(defined[name])
         method = keys.pop("method")
         commands.append([sys.executable, "-m", "dkel", "compare", "--config", str(base), "--methods", method,
                          "--seeds", str(seeds), "--jobs", str(jobs), "--out", str(out), f"name={name}",
@@ -228,6 +233,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     run.add_argument("--seeds", type=int, default=8)
     run.add_argument("--jobs", type=int, default=1)
     run.add_argument("--out", type=Path, default=Path("runs/decoupling"))
+    run.add_argument("--variants", type=lambda v: v.split(","), default=None,
+                     help="comma-separated variants to run, in this order (default: all)")
     run.add_argument("--dry-run", action="store_true", help="print the commands only")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="keys for every run (e.g. epochs=2)")
     ana = sub.add_parser("analyze", help="paired-difference table and instrument plots from the run folders")
@@ -237,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                      help="number of classes: also count finished runs whose last epoch meets the collapse criterion")
     args = p.parse_args(argv)
     if args.command == "run":
-        for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides):
+        for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides, args.variants):
             print("$ dkel " + " ".join(command[3:]), flush=True)
             if not args.dry_run:
                 subprocess.run(command, check=True, cwd=ROOT)

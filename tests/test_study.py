@@ -99,3 +99,11 @@ def test_compare_commands_name_each_variant(tmp_path):
     pcl = next(c for c in commands if "name=pcl-nowarmup-init10" in c)
     assert pcl[3:5] == ["compare", "--config"] and "--methods" in pcl and "dkel" in pcl
     assert {"init_steps=10", "ema_warmup=false", "dk_rampup=true", "decay=none", "epochs=2"} <= set(pcl)
+
+
+def test_run_can_take_some_variants_first(tmp_path):
+    """The study takes more hours than one session: the decisive variants go first, the rest later."""
+    commands = study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["dkel-paper", "pcl"])
+    assert [next(a for a in c if a.startswith("name=")) for c in commands] == ["name=dkel-paper", "name=pcl"]
+    with pytest.raises(SystemExit, match="unknown variant 'dkel-papr'.*dkel-paper"):
+        study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["dkel-papr"])
