@@ -118,6 +118,7 @@ def stream_rates(a) -> None:
                                   "batch_size": a.batch, "num_workers": workers, "progress": "none"})],
                   method_configs())
     ours = open_backend(cfg, views=a.views, device=torch.device("cpu"), channels_last=True)
+    raw = open_backend(cfg, views=a.views, device=torch.device("cpu"), channels_last=True)  # its own workers
     tv = DataLoader(ImageFolder(str(root / "train"), transform=TorchvisionViews(a.views)), batch_size=a.batch,
                     shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     per_batch = a.batch * a.views
@@ -128,11 +129,20 @@ def stream_rates(a) -> None:
             yield from ours.train_batches(epoch[0])
             epoch[0] += 1
 
+    def our_uint8_batches():
+        # what the workers deliver to the device, before the normalisation that the device does
+        # (on a GPU, a negligible kernel; here, the main process's CPU time)
+        while True:
+            yield from raw._pass(raw._train_plan(epoch[0], 0, 1), normalize=False)
+            epoch[0] += 1
+
     def their_batches():
         while True:
             yield from tv
 
-    streams = {"dkel stream backend": our_batches(), "torchvision ImageFolder + DataLoader": their_batches()}
+    streams = {"dkel stream backend, normalised on this CPU": our_batches(),
+               "dkel stream backend, uint8 views as delivered to the device": our_uint8_batches(),
+               "torchvision ImageFolder + DataLoader": their_batches()}
     for it in streams.values():
         next(it)  # start-up (workers, first batches) is not counted
     rates: dict[str, list[float]] = {k: [] for k in streams}
@@ -150,6 +160,7 @@ def stream_rates(a) -> None:
     for name, r in rates.items():
         print(f"| {name} | {statistics.median(r):,.0f} | {min(r):,.0f}-{max(r):,.0f} | {statistics.median(r) / ref:.2f} |")
     ours.close()
+    raw.close()
     decoders(sorted((root / "train").rglob("*.jpg"))[:200])
 
 
