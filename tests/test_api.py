@@ -299,3 +299,19 @@ def test_the_example_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "deployed (teacher peer 1) accuracy" in out.stdout and "predicted:" in out.stdout
     assert (tmp_path / "shapes" / "results.json").is_file()
+
+
+def test_fit_shows_the_runs_warnings_when_logging_is_not_configured(tmp_path, capsys, monkeypatch):
+    """From Python, as from the command line, a run that ends at chance level (or with a teacher
+    that copies its student) says so, not only in train.log."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain script: no logging configured
+    monkeypatch.setattr(logging.getLogger("dkel"), "handlers", [])  # (nor by an earlier `dkel` command)
+    monkeypatch.setattr(logging.getLogger("dkel"), "propagate", True)
+    dkel.fit("dkel", model="resnet8", data="digits", out=tmp_path / "r", train_subset=100, lr=5.0,
+             divergence_check=False, **FAST)
+    err = capsys.readouterr().err
+    assert "warning: the EMA horizon" in err and "warning: the deployed network ended at chance level" in err
+    assert err.count("ended at chance level") == 1
+    assert logging.getLogger("dkel").handlers == []  # nothing left behind

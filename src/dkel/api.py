@@ -8,6 +8,8 @@ in one line where it is not."""
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -67,8 +69,31 @@ def fit(method: str = "dkel", *, model: ModelSpec, data: Union[str, tuple[Any, A
     from .run_folder import RunFolder
 
     folder = Path(out) if out is not None else RunFolder.for_config(cfg).root
-    results = engine.train(cfg, resume=folder if resume else None, overwrite=overwrite)
+    with warnings_on_stderr():
+        results = engine.train(cfg, resume=folder if resume else None, overwrite=overwrite)
     return Run(folder, results, load(folder))
+
+
+@contextmanager
+def warnings_on_stderr():
+    """Where the caller has not configured logging, dkel's warnings (a teacher that copies its
+    student, a run that ended at chance, skipped images) would reach train.log only: print them on
+    stderr too, as the command line does, for the length of the call."""
+    from .cli import StderrHandler
+
+    log = logging.getLogger("dkel")
+    configured = any(not isinstance(h, logging.FileHandler) for h in log.handlers) or (
+        log.propagate and logging.getLogger().handlers)
+    if configured:
+        yield
+        return
+    handler = StderrHandler()
+    handler.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 def model_key(model: ModelSpec) -> Any:
