@@ -225,6 +225,18 @@ def test_vit_is_built_for_the_data_size_or_fails_clearly():
         models.backbone("torchvision:vit_b_16", CLASSES, image_size=8)
 
 
+def test_a_network_that_cannot_take_the_datasets_images_says_so():
+    """A 3-channel network on 1-channel images: naming a split would not help, so the error must not
+    suggest one; it names the images the network was given."""
+    def rgb_only(num_classes):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, 2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, num_classes))
+
+    with pytest.raises(ConfigError, match=r"rgb_only cannot run on this dataset's images \(a batch of 1-channel "
+                                          r"\d+x\d+ images: .*channels.*\); it must accept such images$"):
+        models.backbone(rgb_only, CLASSES, in_channels=1)
+
+
 def test_a_registered_network_is_split_at_its_registered_split():
     def strided(num_classes):
         return nn.Sequential(nn.Conv2d(3, 8, 3, 2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, padding=1), nn.ReLU(),

@@ -443,8 +443,9 @@ def _last_downsampling(net: nn.Module, label: str, in_channels: int, image_size:
             break
         except Exception as e:
             error = e
-    if error is not None:
-        raise ConfigError(f"{label} fails on a probe batch ({first_line(error)}); {_choices(net, label)}")
+    if error is not None:  # the whole network fails, so no split would help
+        raise ConfigError(f"{label} cannot run on this dataset's images (a batch of {in_channels}-channel "
+                          f"{size}x{size} images: {first_line(error)}); it must accept such images")
     last = [n for n in started if n in shrinking]
     # a split at the first module would leave no trunk to share (AlexNet's only stride is its stem)
     if not last or _stage_name(net, last[-1]) == _stage_name(net, started[0]):
