@@ -459,3 +459,18 @@ def test_checkpoints_load_weights_only_and_code_is_never_run(capsys, tmp_path, f
     fails(capsys, ["train", "--resume", str(run), "--epochs", "3"], r"refusing to load .*last\.pt: it needs arbitrary")
     fails(capsys, ["eval", str(run)], r"refusing to load")
     assert not marker.exists()
+
+
+def test_an_interrupt_during_a_checkpoint_write_waits_for_the_file(tmp_path):
+    """Ctrl-C arriving inside torch.save broke its zip writer ('unexpected pos'), a traceback instead
+    of 'interrupted': the write completes first, then the interrupt is delivered."""
+    path = tmp_path / "last.pt"
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+
+    def save_while_interrupted(f):
+        signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C in the middle of the write
+        torch.save(state, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomic(path, save_while_interrupted)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])

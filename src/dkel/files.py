@@ -12,7 +12,9 @@ import io
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
@@ -104,8 +106,30 @@ def commit(tmp: Path, path: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file next to `path`, then rename it over `path`."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
+    with signals_held(), replacing(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them: an interrupt inside
+    torch.save leaves its zip writer broken (a RuntimeError, not the interrupt), and a file is
+    better finished than abandoned half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    swapped = [s for s, h in previous.items() if callable(h) or h == signal.SIG_DFL]
+    for s in swapped:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s in swapped:
+            signal.signal(s, previous[s])
+        for s in held:
+            signal.raise_signal(s)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
