@@ -44,7 +44,7 @@ def _value(value: Any) -> str:
 
 
 def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[str],
-                     variants: Optional[list[str]] = None) -> list[list[str]]:
+                     variants: Optional[list[str]] = None, first_seed: int = 0) -> list[list[str]]:
     """One `dkel compare` per variant (all, or those named, in the order named), with the variant's
     keys and name=<variant>."""
     _, defined = load_variants()
@@ -56,7 +56,7 @@ def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[s
         keys = dict(defined[name])
         method = keys.pop("method")
         commands.append([sys.executable, "-m", "dkel", "compare", "--config", str(base), "--methods", method,
-                         "--seeds", str(seeds), "--jobs", str(jobs), "--out", str(out), f"name={name}",
+                         "--seeds", str(seeds), "--first-seed", str(first_seed), "--jobs", str(jobs), "--out", str(out), f"name={name}",
                          *(f"{k}={_value(v)}" for k, v in keys.items()), *extra])
     return commands
 
@@ -231,6 +231,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     run = sub.add_parser("run", help="train every variant (one dkel compare each)")
     run.add_argument("--base", type=Path, required=True, help="base config (configs/studies/*_decoupling.yaml)")
     run.add_argument("--seeds", type=int, default=8)
+    run.add_argument("--first-seed", type=int, default=0,
+                     help="seeds are first-seed .. first-seed + seeds - 1 (to add seeds to a study)")
     run.add_argument("--jobs", type=int, default=1)
     run.add_argument("--out", type=Path, default=Path("runs/decoupling"))
     run.add_argument("--variants", type=lambda v: v.split(","), default=None,
@@ -244,7 +246,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                      help="number of classes: also count finished runs whose last epoch meets the collapse criterion")
     args = p.parse_args(argv)
     if args.command == "run":
-        for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides, args.variants):
+        for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides, args.variants,
+                                        args.first_seed):
             print("$ dkel " + " ".join(command[3:]), flush=True)
             if not args.dry_run:
                 subprocess.run(command, check=True, cwd=ROOT)

@@ -105,5 +105,7 @@ def test_run_can_take_some_variants_first(tmp_path):
     """The study takes more hours than one session: the decisive variants go first, the rest later."""
     commands = study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["dkel-paper", "pcl"])
     assert [next(a for a in c if a.startswith("name=")) for c in commands] == ["name=dkel-paper", "name=pcl"]
+    later = study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["pcl"], first_seed=4)[0]
+    assert later[later.index("--seeds") + 1] == "4" and later[later.index("--first-seed") + 1] == "4"
     with pytest.raises(SystemExit, match="unknown variant 'dkel-papr'.*dkel-paper"):
         study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["dkel-papr"])
