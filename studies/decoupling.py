@@ -98,30 +98,128 @@ def by_variant(runs: list[Run]) -> dict[str, dict[int, Run]]:
     return out
 
 
-def paired_rows(runs: list[Run], baseline: str, order: list[str], num_classes: Optional[int]) -> list[dict[str, Any]]:
+# One row per run: what the paired table needs, kept as runs.csv beside it, so that a study can
+# grow over sessions (and machines) that do not share their run folders.
+RECORD_FIELDS = ("variant", "seed", "finished", "collapsed", "deploy_acc", "student_mean", "ema_horizon_steps")
+
+
+def record(run: Run, num_classes: Optional[int]) -> dict[str, Any]:
+    consts = (run.results or {}).get("time_constants", {})
+    return {"variant": run.key["variant"], "seed": int(run.key["seed"]), "finished": run.status == "done",
+            "collapsed": collapsed(run, num_classes), "deploy_acc": accuracy(run, "deploy_acc"),
+            "student_mean": accuracy(run, "student_mean"), "ema_horizon_steps": consts.get("ema_horizon_steps")}
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(RECORD_FIELDS) - set(rows[0]):
+        raise SystemExit(f"error: {path} is not a runs.csv of this study (it lacks "
+                         f"{', '.join(sorted(set(RECORD_FIELDS) - set(rows[0])))})")
+    number = lambda v: float(v) if v else None  # noqa: E731
+    return [{"variant": r["variant"], "seed": int(r["seed"]), "finished": r["finished"] == "1",
+             "collapsed": r["collapsed"] == "1", "deploy_acc": number(r["deploy_acc"]),
+             "student_mean": number(r["student_mean"]), "ema_horizon_steps": int(float(r["ema_horizon_steps"])) if r["ema_horizon_steps"] else None}
+            for r in rows]
+
+
+def write_records(records: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, RECORD_FIELDS)
+        writer.writeheader()
+        for r in sorted(records, key=lambda r: (r["variant"], r["seed"])):
+            writer.writerow({**r, "finished": int(r["finished"]), "collapsed": int(r["collapsed"])})
+
+
+def gather(inputs: list[Path], variants: dict[str, Any], num_classes: Optional[int]) -> tuple[list[dict[str, Any]], list[Run]]:
+    """The records of runs.csv files and run folders (a run folder replaces a runs.csv row of the
+    same variant and seed), and the runs whose folders are here (for the per-epoch plots)."""
+    tables = [p for p in inputs if p.suffix == ".csv"]
+    folders = [p for p in inputs if p.suffix != ".csv"]
+    runs = [r for r in find_runs(folders) if r.key.get("variant") in variants] if folders else []
+    records = {(r["variant"], r["seed"]): r for path in tables for r in read_records(path)}
+    records.update({(r.key["variant"], int(r.key["seed"])): record(r, num_classes) for r in runs})
+    return list(records.values()), runs
+
+
+def paired_rows(records: list[dict[str, Any]], baseline: str, order: list[str]) -> list[dict[str, Any]]:
     """One row per variant: means, paired differences to `baseline` with 95% intervals, collapses."""
-    groups = by_variant(runs)
+    groups: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["variant"], {})[r["seed"]] = r
     if baseline not in groups:
         raise SystemExit(f"no runs of the baseline variant {baseline!r} (found: {', '.join(groups)})")
     rows = []
     for variant in [v for v in order if v in groups] + sorted(set(groups) - set(order)):
         seeds = groups[variant]
         row: dict[str, Any] = {"variant": variant, "runs": len(seeds),
-                               "finished": sum(r.status == "done" for r in seeds.values()),
-                               "collapsed": sum(collapsed(r, num_classes) for r in seeds.values())}
+                               "finished": sum(r["finished"] for r in seeds.values()),
+                               "collapsed": sum(r["collapsed"] for r in seeds.values())}
         for quantity, _ in QUANTITIES:
-            mine = {s: accuracy(r, quantity) for s, r in seeds.items()}
-            mine = {s: v for s, v in mine.items() if v is not None}
+            mine = {s: r[quantity] for s, r in seeds.items() if r[quantity] is not None}
             row[f"{quantity}_mean"] = sum(mine.values()) / len(mine) if mine else math.nan
-            ref = {s: accuracy(r, quantity) for s, r in groups[baseline].items()}
+            ref = {s: r[quantity] for s, r in groups[baseline].items()}
             pairs = [mine[s] - ref[s] for s in sorted(mine) if ref.get(s) is not None]
             row[f"{quantity}_pairs"] = len(pairs)
             diff = t_interval(pairs) if pairs and variant != baseline else (math.nan,) * 3
             row[f"{quantity}_diff"], row[f"{quantity}_low"], row[f"{quantity}_high"] = diff
-        consts = next((r.results.get("time_constants", {}) for r in seeds.values() if r.results), {})
-        row["ema_horizon_steps"] = consts.get("ema_horizon_steps")
+        row["ema_horizon_steps"] = next((r["ema_horizon_steps"] for r in seeds.values()
+                                         if r["ema_horizon_steps"] is not None), None)
         rows.append(row)
     return rows
+
+
+def pool(first: list[dict[str, Any]], second: list[dict[str, Any]], baseline: str,
+         level: float = 0.95) -> list[dict[str, Any]]:
+    """Two paired tables over disjoint seeds as one: each difference's mean and t-interval are
+    those of all its pairs together, recovered exactly from each table's n, mean and interval.  The
+    baseline row is the first table's (the second may have retrained some of its seeds to pair with)."""
+    from scipy import stats
+
+    def moments(row: dict[str, Any], q: str) -> tuple[int, float, float]:
+        """(n, sum, sum of squares) of the paired differences behind a row."""
+        n, mean = row[f"{q}_pairs"], row[f"{q}_diff"]
+        if n == 0 or math.isnan(mean):
+            return 0, 0.0, 0.0
+        sd = 0.0 if n == 1 else (row[f"{q}_high"] - mean) * math.sqrt(n) / stats.t.ppf(0.5 + level / 2, n - 1)
+        return n, n * mean, (n - 1) * sd ** 2 + n * mean ** 2
+
+    seconds = {r["variant"]: r for r in second}
+    rows = []
+    for a in first + [r for r in second if r["variant"] not in {x["variant"] for x in first}]:
+        b = seconds.get(a["variant"])
+        if b is None or a is b or a["variant"] == baseline:
+            rows.append(a)
+            continue
+        row = {k: a[k] + b[k] for k in ("runs", "finished", "collapsed")}
+        row["variant"], row["ema_horizon_steps"] = a["variant"], a["ema_horizon_steps"]
+        for q, _ in QUANTITIES:
+            weights = [r["finished"] if not math.isnan(r[f"{q}_mean"]) else 0 for r in (a, b)]
+            row[f"{q}_mean"] = (sum(w * r[f"{q}_mean"] for w, r in zip(weights, (a, b)) if w) / sum(weights)
+                                if sum(weights) else math.nan)
+            (na, sa, qa), (nb, sb, qb) = moments(a, q), moments(b, q)
+            n = na + nb
+            row[f"{q}_pairs"] = n
+            if n == 0:
+                row[f"{q}_diff"] = row[f"{q}_low"] = row[f"{q}_high"] = math.nan
+                continue
+            mean = (sa + sb) / n
+            half = (stats.t.ppf(0.5 + level / 2, n - 1) * math.sqrt(max(qa + qb - n * mean ** 2, 0.0) / (n - 1) / n)
+                    if n > 1 else math.nan)
+            row[f"{q}_diff"], row[f"{q}_low"], row[f"{q}_high"] = mean, mean - half, mean + half
+        rows.append({k: row[k] for k in a})
+    return rows
+
+
+def read_paired(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "deploy_acc_pairs" not in rows[0]:
+        raise SystemExit(f"error: {path} is not a paired.csv of this study")
+    ints = {"runs", "finished", "collapsed", *(f"{q}_pairs" for q, _ in QUANTITIES)}
+    return [{k: (int(v) if k in ints else v if k == "variant" else
+                 int(float(v)) if k == "ema_horizon_steps" and v else float(v) if v else None)
+             for k, v in r.items()} for r in rows]
 
 
 def _num(value: Any, digits: int = 2, sign: bool = False) -> str:
@@ -213,16 +311,18 @@ def plot_instruments(runs: list[Run], order: list[str], out: Path) -> list[Path]
     return written + [out / "teacher.png"]
 
 
-def analyze(folders: list[Path], out: Path, num_classes: Optional[int]) -> str:
+def analyze(inputs: list[Path], out: Path, num_classes: Optional[int]) -> str:
     baseline, variants = load_variants()
-    runs = [r for r in find_runs(folders) if r.key.get("variant") in variants]
-    rows = paired_rows(runs, baseline, list(variants), num_classes)
+    records, runs = gather(inputs, variants, num_classes)
+    rows = paired_rows(records, baseline, list(variants))
     text = markdown(rows, baseline)
     out.mkdir(parents=True, exist_ok=True)
     (out / "paired.md").write_text(text)
     write_csv(rows, out / "paired.csv")
-    written = plot_instruments(runs, list(variants), out)
-    return text + "\nwrote " + ", ".join(str(p) for p in [out / "paired.md", out / "paired.csv", *written])
+    write_records(records, out / "runs.csv")
+    written = plot_instruments(runs, list(variants), out) if runs else []
+    return text + "\nwrote " + ", ".join(str(p) for p in [out / "paired.md", out / "paired.csv", out / "runs.csv",
+                                                          *written])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -240,10 +340,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     run.add_argument("--dry-run", action="store_true", help="print the commands only")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="keys for every run (e.g. epochs=2)")
     ana = sub.add_parser("analyze", help="paired-difference table and instrument plots from the run folders")
-    ana.add_argument("folders", nargs="+", type=Path)
+    ana.add_argument("inputs", nargs="+", type=Path, metavar="FOLDER|runs.csv",
+                     help="run folders (searched recursively) and runs.csv files an earlier analyze wrote")
     ana.add_argument("--out", type=Path, required=True)
     ana.add_argument("--classes", type=int, default=None,
                      help="number of classes: also count finished runs whose last epoch meets the collapse criterion")
+    pooled = sub.add_parser("pool", help="two paired.csv over disjoint seeds as one table (pooled.md, pooled.csv)")
+    pooled.add_argument("first", type=Path, help="paired.csv whose baseline row is kept")
+    pooled.add_argument("second", type=Path, help="paired.csv of other seeds of the same variants")
+    pooled.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.command == "run":
         for command in compare_commands(args.base, args.seeds, args.out, args.jobs, args.overrides, args.variants,
@@ -251,8 +356,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             print("$ dkel " + " ".join(command[3:]), flush=True)
             if not args.dry_run:
                 subprocess.run(command, check=True, cwd=ROOT)
+    elif args.command == "pool":
+        baseline, _ = load_variants()
+        rows = pool(read_paired(args.first), read_paired(args.second), baseline)
+        text = markdown(rows, baseline)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "pooled.md").write_text(text)
+        write_csv(rows, args.out / "pooled.csv")
+        print(text + f"\nwrote {args.out / 'pooled.md'}, {args.out / 'pooled.csv'}")
     else:
-        print(analyze(args.folders, args.out, args.classes))
+        print(analyze(args.inputs, args.out, args.classes))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def test_paired_rows_pair_by_seed_and_count_collapses(tmp_path):
     fake(tmp_path, "dkel-paper", 2, log="... stopped: training collapsed (mean logit norm 0.01) at epoch 2")
     fake(tmp_path, "dkel-paper", 3, 0.10, 0.10, logit_norm=0.01)  # collapsed, no pcl seed 3 to pair with
     fake(tmp_path, "dkel-paper", 4, 0.10, 0.10)  # at chance, but its logits did not shrink
-    runs = study.find_runs([tmp_path])
-    rows = {r["variant"]: r for r in study.paired_rows(runs, "pcl", ["pcl", "dkel-paper"], num_classes=10)}
+    records, _ = study.gather([tmp_path], {"pcl": {}, "dkel-paper": {}}, num_classes=10)
+    rows = {r["variant"]: r for r in study.paired_rows(records, "pcl", ["pcl", "dkel-paper"])}
     paper = rows["dkel-paper"]
     assert (paper["runs"], paper["finished"], paper["collapsed"]) == (5, 4, 2)
     assert paper["deploy_acc_pairs"] == 2 and paper["deploy_acc_diff"] == pytest.approx(1.5)  # +1 and +2 points
@@ -109,3 +109,52 @@ def test_run_can_take_some_variants_first(tmp_path):
     assert later[later.index("--seeds") + 1] == "4" and later[later.index("--first-seed") + 1] == "4"
     with pytest.raises(SystemExit, match="unknown variant 'dkel-papr'.*dkel-paper"):
         study.compare_commands(Path("base.yaml"), 4, tmp_path, 2, [], variants=["dkel-papr"])
+
+
+def test_a_study_grows_from_its_runs_csv_when_the_early_folders_are_gone(tmp_path):
+    """Run folders do not outlive a machine: runs.csv keeps each run's numbers, and a later analyze
+    of it plus new folders gives the table all folders would (a new folder replaces its row)."""
+    early, late = tmp_path / "early", tmp_path / "late"
+    for seed, (a, b) in enumerate([(0.70, 0.71), (0.72, 0.75)]):
+        fake(early, "pcl", seed, a, a)
+        fake(early, "dkel-paper", seed, b, b)
+    fake(early, "dkel-paper", 2, log="... stopped: training collapsed")
+    for seed, (a, b) in [(2, (0.69, 0.70)), (3, (0.71, 0.70))]:
+        fake(late, "pcl", seed, a, a)
+        if seed == 3:
+            fake(late, "dkel-paper", seed, b, b)
+    every = study.analyze([early, late], tmp_path / "every", 10)
+    study.analyze([early], tmp_path / "first", 10)
+    assert (tmp_path / "first" / "runs.csv").read_text().count("dkel-paper,") == 3
+    fake(late, "dkel-paper", 2, 0.70, 0.70)  # the collapsed seed, run again
+    grown = study.analyze([tmp_path / "first" / "runs.csv", late], tmp_path / "grown", 10)
+    rows = {r["variant"]: r for r in study.paired_rows(study.read_records(tmp_path / "grown" / "runs.csv"),
+                                                       "pcl", ["pcl", "dkel-paper"])}
+    assert (rows["dkel-paper"]["runs"], rows["dkel-paper"]["collapsed"], rows["dkel-paper"]["deploy_acc_pairs"]) == (4, 0, 4)
+    assert rows["dkel-paper"]["deploy_acc_diff"] == pytest.approx((1 + 3 + 1 - 1) / 4)
+    assert "| dkel-paper | 4 (3) | 1 |" in every and "| dkel-paper | 4 (4) | 0 |" in grown
+    with pytest.raises(SystemExit, match="not a runs.csv"):
+        study.analyze([tmp_path / "grown" / "paired.csv"], tmp_path / "bad", 10)
+
+
+def test_pooling_two_tables_over_disjoint_seeds_is_the_table_of_all_pairs(tmp_path):
+    pcl = [0.70, 0.72, 0.71, 0.69, 0.73, 0.70, 0.68]
+    paper = [0.71, 0.74, 0.70, 0.72, 0.73, 0.74, 0.70]
+    tables = []
+    for name, seeds in (("all", range(7)), ("first", range(4)), ("second", range(4, 7))):
+        for s in seeds:
+            fake(tmp_path / name, "pcl", s, pcl[s], pcl[s])
+            fake(tmp_path / name, "dkel-paper", s, paper[s], paper[s] - 0.01)
+        study.analyze([tmp_path / name], tmp_path / name / "table", 10)
+        tables.append(study.read_paired(tmp_path / name / "table" / "paired.csv"))
+    every, first, second = tables
+    second[0]["runs"] = 99  # the baseline row is the first table's
+    pooled = {r["variant"]: r for r in study.pool(first, second, "pcl")}
+    for row in every:
+        got = pooled[row["variant"]]
+        assert got["runs"] == (row["runs"] if row["variant"] != "pcl" else 4)
+        for key, value in row.items():
+            if key.endswith(("_diff", "_low", "_high")) or (key.endswith("_mean") and row["variant"] != "pcl"):
+                assert got[key] == pytest.approx(value, nan_ok=True), (row["variant"], key)
+    one = study.pool(first, [dict(second[1], deploy_acc_pairs=1, deploy_acc_diff=2.0)], "pcl")[1]
+    assert one["deploy_acc_pairs"] == 5  # a single pair adds its value and no spread of its own
