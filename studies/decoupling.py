@@ -119,7 +119,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     number = lambda v: float(v) if v else None  # noqa: E731
     return [{"variant": r["variant"], "seed": int(r["seed"]), "finished": r["finished"] == "1",
              "collapsed": r["collapsed"] == "1", "deploy_acc": number(r["deploy_acc"]),
-             "student_mean": number(r["student_mean"]), "ema_horizon_steps": int(float(r["ema_horizon_steps"])) if r["ema_horizon_steps"] else None}
+             "student_mean": number(r["student_mean"]), "ema_horizon_steps": number(r["ema_horizon_steps"])}
             for r in rows]
 
 
@@ -217,9 +217,8 @@ def read_paired(path: Path) -> list[dict[str, Any]]:
     if not rows or "deploy_acc_pairs" not in rows[0]:
         raise SystemExit(f"error: {path} is not a paired.csv of this study")
     ints = {"runs", "finished", "collapsed", *(f"{q}_pairs" for q, _ in QUANTITIES)}
-    return [{k: (int(v) if k in ints else v if k == "variant" else
-                 int(float(v)) if k == "ema_horizon_steps" and v else float(v) if v else None)
-             for k, v in r.items()} for r in rows]
+    return [{k: int(v) if k in ints else v if k == "variant" else float(v) if v else None for k, v in r.items()}
+            for r in rows]
 
 
 def _num(value: Any, digits: int = 2, sign: bool = False) -> str:
