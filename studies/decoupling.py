@@ -27,7 +27,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dkel.compare import Run, find_runs  # noqa: E402
+from dkel.compare import Run, find_runs, read_history  # noqa: E402
+from dkel.errors import DkelError  # noqa: E402
 from dkel.engine import collapsed as engine_collapsed  # noqa: E402
 
 VARIANTS = ROOT / "configs" / "studies" / "decoupling.yaml"
@@ -56,7 +57,8 @@ def compare_commands(base: Path, seeds: int, out: Path, jobs: int, extra: list[s
         keys = dict(defined[name])
         method = keys.pop("method")
         commands.append([sys.executable, "-m", "dkel", "compare", "--config", str(base), "--methods", method,
-                         "--seeds", str(seeds), "--first-seed", str(first_seed), "--jobs", str(jobs), "--out", str(out), f"name={name}",
+                         "--seeds", str(seeds), "--first-seed", str(first_seed), "--jobs", str(jobs),
+                         "--out", str(out), f"name={name}",
                          *(f"{k}={_value(v)}" for k, v in keys.items()), *extra])
     return commands
 
@@ -110,17 +112,20 @@ def record(run: Run, num_classes: Optional[int]) -> dict[str, Any]:
             "student_mean": accuracy(run, "student_mean"), "ema_horizon_steps": consts.get("ema_horizon_steps")}
 
 
+def read_table(path: Path, kind: str, needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of a CSV this script wrote, numbers as floats, empty cells as None."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is not a file")
+    rows = read_history(path)
+    missing = set(needed) - set(rows[0] if rows else ())
+    if missing:
+        raise SystemExit(f"error: {path} is not a {kind} of this study (it lacks {', '.join(sorted(missing))})")
+    return rows
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(RECORD_FIELDS) - set(rows[0]):
-        raise SystemExit(f"error: {path} is not a runs.csv of this study (it lacks "
-                         f"{', '.join(sorted(set(RECORD_FIELDS) - set(rows[0])))})")
-    number = lambda v: float(v) if v else None  # noqa: E731
-    return [{"variant": r["variant"], "seed": int(r["seed"]), "finished": r["finished"] == "1",
-             "collapsed": r["collapsed"] == "1", "deploy_acc": number(r["deploy_acc"]),
-             "student_mean": number(r["student_mean"]), "ema_horizon_steps": number(r["ema_horizon_steps"])}
-            for r in rows]
+    return [{**r, "seed": int(r["seed"]), "finished": bool(r["finished"]), "collapsed": bool(r["collapsed"])}
+            for r in read_table(path, "runs.csv", RECORD_FIELDS)]
 
 
 def write_records(records: list[dict[str, Any]], path: Path) -> None:
@@ -184,13 +189,7 @@ def pool(first: list[dict[str, Any]], second: list[dict[str, Any]], baseline: st
         sd = 0.0 if n == 1 else (row[f"{q}_high"] - mean) * math.sqrt(n) / stats.t.ppf(0.5 + level / 2, n - 1)
         return n, n * mean, (n - 1) * sd ** 2 + n * mean ** 2
 
-    seconds = {r["variant"]: r for r in second}
-    rows = []
-    for a in first + [r for r in second if r["variant"] not in {x["variant"] for x in first}]:
-        b = seconds.get(a["variant"])
-        if b is None or a is b or a["variant"] == baseline:
-            rows.append(a)
-            continue
+    def joined(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         row = {k: a[k] + b[k] for k in ("runs", "finished", "collapsed")}
         row["variant"], row["ema_horizon_steps"] = a["variant"], a["ema_horizon_steps"]
         for q, _ in QUANTITIES:
@@ -207,18 +206,18 @@ def pool(first: list[dict[str, Any]], second: list[dict[str, Any]], baseline: st
             half = (stats.t.ppf(0.5 + level / 2, n - 1) * math.sqrt(max(qa + qb - n * mean ** 2, 0.0) / (n - 1) / n)
                     if n > 1 else math.nan)
             row[f"{q}_diff"], row[f"{q}_low"], row[f"{q}_high"] = mean, mean - half, mean + half
-        rows.append({k: row[k] for k in a})
-    return rows
+        return {k: row[k] for k in a}
+
+    seconds = {r["variant"]: r for r in second}
+    firsts = {r["variant"] for r in first}
+    return ([joined(a, seconds[a["variant"]]) if a["variant"] in seconds and a["variant"] != baseline else a
+             for a in first] + [b for b in second if b["variant"] not in firsts])
 
 
 def read_paired(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "deploy_acc_pairs" not in rows[0]:
-        raise SystemExit(f"error: {path} is not a paired.csv of this study")
-    ints = {"runs", "finished", "collapsed", *(f"{q}_pairs" for q, _ in QUANTITIES)}
-    return [{k: int(v) if k in ints else v if k == "variant" else float(v) if v else None for k, v in r.items()}
-            for r in rows]
+    counts = ("runs", "finished", "collapsed", *(f"{q}_pairs" for q, _ in QUANTITIES))
+    return [{**r, **{k: int(r[k]) for k in counts}}
+            for r in read_table(path, "paired.csv", ("variant", "ema_horizon_steps", *counts))]
 
 
 def _num(value: Any, digits: int = 2, sign: bool = False) -> str:
@@ -246,6 +245,15 @@ def markdown(rows: list[dict[str, Any]], baseline: str) -> str:
                   "(same initial weights and batches), mean and 95% t-interval over the seeds both finished. "
                   "Collapsed: stopped by the engine's collapse check (logits shrunk to zero at chance accuracy)."]
     return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict[str, Any]], baseline: str, out: Path, stem: str) -> tuple[str, list[Path]]:
+    """stem.md and stem.csv in `out`; returns the Markdown and the paths written."""
+    text = markdown(rows, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    write_csv(rows, out / f"{stem}.csv")
+    return text, [out / f"{stem}.md", out / f"{stem}.csv"]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -313,15 +321,10 @@ def plot_instruments(runs: list[Run], order: list[str], out: Path) -> list[Path]
 def analyze(inputs: list[Path], out: Path, num_classes: Optional[int]) -> str:
     baseline, variants = load_variants()
     records, runs = gather(inputs, variants, num_classes)
-    rows = paired_rows(records, baseline, list(variants))
-    text = markdown(rows, baseline)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "paired.md").write_text(text)
-    write_csv(rows, out / "paired.csv")
+    text, written = write_table(paired_rows(records, baseline, list(variants)), baseline, out, "paired")
     write_records(records, out / "runs.csv")
-    written = plot_instruments(runs, list(variants), out) if runs else []
-    return text + "\nwrote " + ", ".join(str(p) for p in [out / "paired.md", out / "paired.csv", out / "runs.csv",
-                                                          *written])
+    written += [out / "runs.csv", *(plot_instruments(runs, list(variants), out) if runs else [])]
+    return text + "\nwrote " + ", ".join(map(str, written))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -357,15 +360,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                 subprocess.run(command, check=True, cwd=ROOT)
     elif args.command == "pool":
         baseline, _ = load_variants()
-        rows = pool(read_paired(args.first), read_paired(args.second), baseline)
-        text = markdown(rows, baseline)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "pooled.md").write_text(text)
-        write_csv(rows, args.out / "pooled.csv")
-        print(text + f"\nwrote {args.out / 'pooled.md'}, {args.out / 'pooled.csv'}")
+        text, written = write_table(pool(read_paired(args.first), read_paired(args.second), baseline), baseline,
+                                    args.out, "pooled")
+        print(text + "\nwrote " + ", ".join(map(str, written)))
     else:
         print(analyze(args.inputs, args.out, args.classes))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DkelError as e:  # a missing or empty run folder: one line, not a traceback
+        raise SystemExit(f"error: {e}")
